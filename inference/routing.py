@@ -1,0 +1,3 @@
+"""Websocket routes of the inference app (the playground's chat socket)."""
+
+websocket_urlpatterns = []

@@ -1,0 +1,332 @@
+"""R3MES settings: one file, driven by the environment.
+
+Every value comes from an environment variable read through a typed helper. A malformed value
+stops start-up with one line naming the variable (see `fail`).
+"""
+
+import os
+import secrets
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+class SettingError(SystemExit):
+    """Raised for a bad setting: exits the process with a single clear line."""
+
+
+def fail(name, problem):
+    raise SettingError(f"R3MES configuration error: {name} {problem}")
+
+
+def env_str(name, default=None, *, required=False):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        if required:
+            fail(name, "must be set")
+        return default
+    return value
+
+
+def env_bool(name, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    fail(name, f"must be a boolean (1/0, true/false, yes/no, on/off), got {value!r}")
+
+
+def env_int(name, default, *, minimum=None, maximum=None):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        fail(name, f"must be an integer, got {value!r}")
+    if minimum is not None and number < minimum:
+        fail(name, f"must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        fail(name, f"must be <= {maximum}, got {number}")
+    return number
+
+
+def env_float(name, default, *, minimum=None, maximum=None):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        fail(name, f"must be a number, got {value!r}")
+    if minimum is not None and number < minimum:
+        fail(name, f"must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        fail(name, f"must be <= {maximum}, got {number}")
+    return number
+
+
+def env_decimal(name, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return Decimal(default)
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        fail(name, f"must be a decimal number, got {value!r}")
+
+
+def env_list(name, default):
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return list(default)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+# --- Paths -------------------------------------------------------------------------------------
+
+DATA_DIR = Path(env_str("R3MES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+try:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as exc:
+    fail("R3MES_DATA_DIR", f"cannot be created at {DATA_DIR}: {exc.strerror}")
+if not os.access(DATA_DIR, os.W_OK):
+    fail("R3MES_DATA_DIR", f"is not writable: {DATA_DIR}")
+BLOB_DIR = DATA_DIR / "blobs"
+INDEX_DIR = DATA_DIR / "indexes"
+MODEL_CACHE_DIR = Path(env_str("R3MES_MODEL_CACHE_DIR", str(DATA_DIR / "models"))).resolve()
+ADAPTER_DIR = DATA_DIR / "adapters"
+MEDIA_ROOT = DATA_DIR / "media"
+
+
+def _secret_key():
+    key = env_str("SECRET_KEY")
+    if key is not None:
+        if len(key) < 32:
+            fail("SECRET_KEY", "must be at least 32 characters long")
+        return key
+    # Generated once and kept in the data dir, so sessions survive restarts without any set-up.
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG", False)
+PORT = env_int("PORT", 8000, minimum=1, maximum=65535)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- Applications ------------------------------------------------------------------------------
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "channels",
+    "django_htmx",
+    "django_prometheus",
+    "r3mes_site",
+    "governance",
+    "inference",
+    "rag",
+    "mining",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "r3mes_site.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "r3mes_site.urls"
+ASGI_APPLICATION = "r3mes_site.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "r3mes_site.context_processors.navigation",
+            ],
+        },
+    },
+]
+
+# --- Database ----------------------------------------------------------------------------------
+
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    import dj_database_url
+
+    try:
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    except Exception as exc:  # dj-database-url raises several types for bad URLs
+        fail("DATABASE_URL", f"is not a valid database URL ({exc})")
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+        DATABASES["default"].setdefault("OPTIONS", {})["transaction_mode"] = "IMMEDIATE"
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "r3mes.sqlite3",
+            "OPTIONS": {
+                # WAL lets the web, worker and Celery processes read while one writes;
+                # IMMEDIATE transactions avoid lock-upgrade deadlocks between them.
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_USER_MODEL = "governance.User"
+
+# --- Redis, Channels, Celery, cache -----------------------------------------------------------
+
+# Each instance gets its own Redis port (PORT + 10000) unless REDIS_URL says otherwise, so two
+# instances started with different PORTs never share state.
+REDIS_URL = env_str("REDIS_URL", f"redis://127.0.0.1:{PORT + 10000}/0")
+if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    fail("REDIS_URL", f"must start with redis://, rediss:// or unix://, got {REDIS_URL!r}")
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 60},
+    }
+}
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+    }
+}
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = REDIS_URL
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {}
+
+# --- Auth --------------------------------------------------------------------------------------
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "home"
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = False  # htmx reads it to send X-CSRFToken
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+# --- Static and uploads ------------------------------------------------------------------------
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)
+# WhiteNoise serves straight from static/ and the apps, so no collectstatic step is needed.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+R3MES_MAX_UPLOAD_BYTES = env_int("R3MES_MAX_UPLOAD_BYTES", 25 * 1024 * 1024, minimum=1)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Inference ---------------------------------------------------------------------------------
+
+R3MES_BACKBONE = env_str("R3MES_BACKBONE", "")  # empty: the embedded SmolLM2-135M-Instruct
+R3MES_DTYPE = env_str("R3MES_DTYPE", "float32")
+if R3MES_DTYPE not in ("float32", "bfloat16"):
+    fail("R3MES_DTYPE", f"must be float32 or bfloat16, got {R3MES_DTYPE!r}")
+R3MES_DEVICE = env_str("R3MES_DEVICE", "auto")
+R3MES_WORKER_PING_TIMEOUT = env_float("R3MES_WORKER_PING_TIMEOUT", 2.0, minimum=0.1)
+R3MES_TORCH_THREADS = env_int("R3MES_TORCH_THREADS", 0, minimum=0)
+
+# --- Logging -----------------------------------------------------------------------------------
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    fail("LOG_LEVEL", f"must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {LOG_LEVEL!r}")
+LOG_FORMAT = env_str("LOG_FORMAT", "json")
+if LOG_FORMAT not in ("json", "text"):
+    fail("LOG_FORMAT", f"must be json or text, got {LOG_FORMAT!r}")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"request_id": {"()": "r3mes_site.logging.RequestIdFilter"}},
+    "formatters": {
+        "json": {"()": "r3mes_site.logging.JsonFormatter"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "stream": sys.stderr,
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id"],
+        }
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "daphne": {"level": "INFO"},
+    },
+}
+
+# --- Rate limits: (requests, per seconds) per user ---------------------------------------------
+
+R3MES_RATE_API = (env_int("R3MES_RATE_API_PER_MINUTE", 120, minimum=1), 60)
+R3MES_RATE_CHAT = (env_int("R3MES_RATE_CHAT_PER_MINUTE", 30, minimum=1), 60)
