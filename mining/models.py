@@ -1,5 +1,5 @@
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
 
 
@@ -75,3 +75,19 @@ class ModelVersion(models.Model):
     @classmethod
     def active(cls):
         return cls.objects.filter(status=cls.Status.ACTIVE).first()
+
+    def activate(self):
+        """Makes this the active backbone; the one it replaces becomes available again and is
+        remembered in `previous`, so an upgrade can be rolled back by activating it."""
+        with transaction.atomic():
+            current = (
+                type(self).objects.select_for_update().filter(status=self.Status.ACTIVE).exclude(pk=self.pk).first()
+            )
+            type(self).objects.filter(status=self.Status.ACTIVE).exclude(pk=self.pk).update(
+                status=self.Status.AVAILABLE
+            )
+            if current is not None:
+                self.previous = current
+            self.status = self.Status.ACTIVE
+            self.activated_at = timezone.now()
+            self.save(update_fields=["previous", "status", "activated_at"])

@@ -31,3 +31,8 @@ readiness_check_latency = Histogram(
     "r3mes_readiness_check_seconds", "Latency of each readiness check", ["check"], buckets=LATENCY_BUCKETS
 )
 readiness_check_failures = Counter("r3mes_readiness_check_failures_total", "Failed readiness checks", ["check"])
+governance_votes = Counter("r3mes_governance_votes_total", "Governance votes cast or changed")
+governance_deposits = Counter("r3mes_governance_deposits_total", "Governance deposits made")
+governance_proposals_closed = Counter(
+    "r3mes_governance_proposals_closed_total", "Proposals closed, by outcome", ["outcome"]
+)
