@@ -55,12 +55,15 @@ class TallyResult:
         def text(value):
             return None if value is None else str(value)
 
+        def plain(value):  # 150.00000000 -> "150", without exponent notation
+            return format(value.normalize(), "f") if value else "0"
+
         return {
             "status": self.status,
             "reason": self.reason,
-            "power": {option: str(self.power.get(option, Decimal(0))) for option in OPTIONS},
-            "total_power": str(self.total_power),
-            "cast": str(self.cast),
+            "power": {option: plain(self.power.get(option, Decimal(0))) for option in OPTIONS},
+            "total_power": plain(self.total_power),
+            "cast": plain(self.cast),
             "turnout": str(self.turnout),
             "quorum": str(self.quorum),
             "quorum_reached": self.quorum_reached,
