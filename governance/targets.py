@@ -4,6 +4,7 @@ passed proposal. A registry dict; each entry names plain functions.
 A proposal that does not pass leaves its target as it was (the issue's rule), so a rejected dataset
 or adapter can be improved and proposed again."""
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,41 @@ class TargetKind:
 
     def candidates(self):
         return self.model_class().objects.filter(status=self.eligible_status)
+
+
+def _optional(module, name):
+    """`module.name` if that module exists (the ledger and backbone fetching live on the mining
+    branch and may not be merged yet), else None."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+
+
+def _approve_adapter(adapter):
+    # The router reads Adapter.servable() from the database per request: no restart needed.
+    adapter.approve()
+    announce = _optional("mining.ledger", "announce_adapter_approved")
+    if announce is not None and adapter.blob_cid:
+        announce(adapter)  # peers replicating the ledger fetch and approve it too
+
+
+def _approve_dataset(dataset):
+    dataset.approve()
+    announce = _optional("mining.ledger", "announce_dataset_approved")
+    if announce is not None and dataset.blob_cid:
+        announce(dataset)
+
+
+def _activate_backbone(version):
+    # mining.model_versions.activate also records the activation and queues the file's fetch.
+    activate = _optional("mining.model_versions", "activate")
+    if activate is not None:
+        activate(version, require_file=False)
+    else:
+        version.activate()
 
 
 def _adapter_facts(adapter):
@@ -76,8 +112,7 @@ TARGETS = {
         model="inference.Adapter",
         eligible_status="candidate",
         ineligible_reason="only candidate adapter versions can be proposed",
-        # The router reads Adapter.servable() from the database per request: no restart needed.
-        execute=lambda adapter: adapter.approve(),
+        execute=_approve_adapter,
         facts=_adapter_facts,
     ),
     "dataset": TargetKind(
@@ -85,7 +120,7 @@ TARGETS = {
         model="mining.Dataset",
         eligible_status="pending",
         ineligible_reason="only pending datasets can be proposed",
-        execute=lambda dataset: dataset.approve(),
+        execute=_approve_dataset,
         facts=_dataset_facts,
     ),
     "backbone": TargetKind(
@@ -93,7 +128,7 @@ TARGETS = {
         model="mining.ModelVersion",
         eligible_status="available",
         ineligible_reason="only available (not active, not retired) backbone versions can be proposed",
-        execute=lambda version: version.activate(),
+        execute=_activate_backbone,
         facts=_backbone_facts,
     ),
 }
