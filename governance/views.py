@@ -141,7 +141,9 @@ def proposal_create(request):
         else:
             messages.success(request, f"Proposal #{proposal.pk} submitted.")
             return redirect("proposal", proposal.pk)
-    return render(request, "governance/proposal_create.html", {"form": form, "rules": gov_rules()})
+    has_candidates = len(form.fields["target"].choices) > 1
+    return render(request, "governance/proposal_create.html",
+                  {"form": form, "rules": gov_rules(), "has_candidates": has_candidates})
 
 
 def _vote_context(request, proposal):

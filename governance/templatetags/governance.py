@@ -28,3 +28,15 @@ def width(value):
         return "0%"
     number = min(max(Decimal(value) * 100, Decimal(0)), Decimal(100))
     return f"{number:.3f}%"
+
+
+@register.filter
+def duration(seconds):
+    """Seconds as a short human duration: 172800 -> "2 days", 90 -> "1 min 30 s"."""
+    seconds = int(seconds)
+    parts = []
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {unit}{'s' if unit == 'day' and count > 1 else ''}")
+    return " ".join(parts[:2]) or "0 s"
