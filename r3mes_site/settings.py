@@ -330,3 +330,7 @@ LOGGING = {
 
 R3MES_RATE_API = (env_int("R3MES_RATE_API_PER_MINUTE", 120, minimum=1), 60)
 R3MES_RATE_CHAT = (env_int("R3MES_RATE_CHAT_PER_MINUTE", 30, minimum=1), 60)
+
+# --- Blob store ---------------------------------------------------------------------------------
+
+IPFS_API_URL = env_str("IPFS_API_URL", "")
