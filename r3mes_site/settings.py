@@ -223,7 +223,13 @@ if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 60},
+        # redis-py 8 defaults to a 5 s socket timeout, the same as channels_redis's blocking-pop
+        # timeout; a longer socket timeout keeps idle receivers from timing out.
+        "CONFIG": {
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 2}],
+            "capacity": 1000,
+            "expiry": 60,
+        },
     }
 }
 CACHES = {
