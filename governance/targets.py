@@ -93,6 +93,30 @@ def _dataset_facts(dataset):
     ]
 
 
+PREVIEW_LINES = 5
+PREVIEW_LINE_CHARS = 300
+
+
+def dataset_preview(dataset):
+    """The first lines of the dataset as (lines, problem), read from the blob store after its
+    content is verified against the CID, so a page never shows bytes that are not the dataset."""
+    from mining import blobstore
+
+    try:
+        blobstore.verify(dataset.blob_cid)
+        lines = []
+        with open(blobstore.path_for(dataset.blob_cid), "rb") as handle:
+            while len(lines) < PREVIEW_LINES:
+                raw = handle.readline(64 * 1024)
+                if not raw:
+                    break
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                lines.append(line[:PREVIEW_LINE_CHARS] + ("…" if len(line) > PREVIEW_LINE_CHARS else ""))
+        return lines, None
+    except blobstore.BlobError as exc:
+        return [], str(exc)
+
+
 def _backbone_facts(version):
     return [
         ("Name", version.name),

@@ -15,7 +15,7 @@ from r3mes_site.api import api_token_required, api_view
 from .actions import access_proposal, do_cancel_proposal, do_create_proposal, do_deposit, do_vote
 from .forms import ApiTokenForm, DepositForm, ProposalForm, SignupForm, VoteForm
 from .models import OPTION_LABELS, ApiToken, Proposal, Refused, Vote
-from .targets import TARGETS, get_target
+from .targets import TARGETS, dataset_preview, get_target
 
 
 def signup(request):
@@ -211,6 +211,7 @@ def proposal_detail(request, proposal_id):
         "target": target,
         "target_kind": TARGETS[proposal.kind],
         "target_facts": TARGETS[proposal.kind].facts(target) if target else [],
+        "preview": dataset_preview(target) if target and proposal.kind == "dataset" else None,
         "vote": _vote_context(request, proposal),
         "deposit": _deposit_context(request, proposal),
         "live": _live_context(proposal),

@@ -157,3 +157,26 @@ def test_closed_proposal_live_partial_stops_polling_and_shows_the_result(client,
 
 def test_unknown_proposal_page_is_404(client):
     assert client.get("/governance/999/").status_code == 404
+
+
+def test_dataset_proposal_shows_a_verified_preview_of_the_first_lines(client, alice):
+    from mining import blobstore
+    from mining.models import Dataset
+
+    body = "".join(f'{{"instruction": "q{i}", "response": "a{i}"}}\n' for i in range(20)).encode()
+    cid, size = blobstore.put_bytes(body)
+    dataset = Dataset.objects.create(name="qa", expert="coding", format="jsonl", blob_cid=cid,
+                                     sha256=blobstore.sha256_hex_from_cid(cid), size_bytes=size, examples=20)
+    proposal = do_create_proposal(alice, kind="dataset", target=dataset.pk, title="qa")
+    html = client.get(reverse("proposal", args=[proposal.pk])).content.decode()
+    assert "q0" in html and "q4" in html and "q5" not in html
+
+    blobstore.path_for(cid).write_bytes(body.replace(b"q0", b"XX"))  # corrupted on disk
+    html = client.get(reverse("proposal", args=[proposal.pk])).content.decode()
+    assert "XX" not in html and "corrupt" in html
+
+
+def test_dataset_missing_from_the_blob_store_says_so(client, alice, dataset):
+    proposal = do_create_proposal(alice, kind="dataset", target=dataset.pk, title="qa")
+    html = client.get(reverse("proposal", args=[proposal.pk])).content.decode()
+    assert "No preview" in html
