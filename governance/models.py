@@ -383,13 +383,15 @@ class Proposal(models.Model):
         if power <= 0:
             raise Refused("You had no stake when voting opened, so you have no voting power on this proposal",
                           code="no_voting_power", status=403)
-        vote, _ = Vote.objects.update_or_create(
+        vote, created = Vote.objects.update_or_create(
             proposal=self, voter=user,
             defaults={"options": {name: str(weight) for name, weight in weights.items()}, "power": power,
                       "changed_at": now},
             create_defaults={"options": {name: str(weight) for name, weight in weights.items()}, "power": power,
                              "created": now, "changed_at": now},
         )
+        VoteChange.objects.create(proposal=self, voter=user, options=vote.options, power=power, at=now,
+                                  first=created)
         return vote
 
     def power_by_option(self):
@@ -501,6 +503,24 @@ class Vote(models.Model):
     @property
     def changed(self):
         return self.changed_at != self.created
+
+
+class VoteChange(models.Model):
+    """Every vote submission in order: the history behind each voter's current Vote."""
+
+    proposal = models.ForeignKey(Proposal, on_delete=models.CASCADE, related_name="vote_history")
+    voter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    options = models.JSONField()
+    power = models.DecimalField(max_digits=30, decimal_places=6)
+    first = models.BooleanField(default=True, help_text="False when it replaced an earlier vote")
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    @property
+    def summary(self):
+        return Vote.summary.fget(self)
 
 
 class StakeSnapshot(models.Model):

@@ -198,6 +198,7 @@ def _live_context(proposal):
         "tally": tally,
         "bars": bars,
         "votes": proposal.votes.select_related("voter")[:200],
+        "history": proposal.vote_history.select_related("voter")[:50],
         "deposits": proposal.deposits.select_related("depositor"),
         "now": timezone.now(),
     }

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,6 +21,12 @@ WORKER = Path(__file__).with_name("concurrency_worker.py")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("gov-race")
+
+
+def make_barrier(data_dir, name):
+    path = data_dir / f"barrier-{name}"
+    path.mkdir()
+    return path
 
 
 def env_for(data_dir, **extra):
@@ -56,11 +61,11 @@ def test_parallel_votes_and_double_submissions_tally_exactly_and_close_once(data
     proposal, voters = setup["proposal"], setup["voters"]
     options = ["yes", "no", "abstain", "no_with_veto"]
     plan = [(v["username"], options[i % 4]) for i, v in enumerate(voters)]
-    start_at = time.time() + 8  # after every process has imported Django
     # Two processes each submit every vote (so each voter's vote arrives twice, in parallel).
+    sync = {"barrier": str(make_barrier(data_dir, "votes")), "parties": 2}
     results = race(data_dir, "vote", [
-        {"proposal": proposal, "votes": plan, "threads": 8, "start_at": start_at},
-        {"proposal": proposal, "votes": list(reversed(plan)), "threads": 8, "start_at": start_at},
+        {"proposal": proposal, "votes": plan, "threads": 8, **sync},
+        {"proposal": proposal, "votes": list(reversed(plan)), "threads": 8, **sync},
     ])
     assert all(r == "ok" for result in results for r in result["results"])
 
@@ -72,9 +77,9 @@ def test_parallel_votes_and_double_submissions_tally_exactly_and_close_once(data
     assert {k: Decimal(v) for k, v in report["tally"]["power"].items()} == expected
     assert Decimal(report["tally"]["total_power"]) == sum(Decimal(v["stake"]) for v in voters) + 50
 
-    # Two "beats" close the due proposal at the same instant: exactly one of them closes it.
-    start_at = time.time() + 8
-    closes = race(data_dir, "close", [{"proposal": proposal, "start_at": start_at}] * 3)
+    # Three "beats" close the due proposal at the same instant: exactly one of them closes it.
+    sync = {"barrier": str(make_barrier(data_dir, "closes")), "parties": 3}
+    closes = race(data_dir, "close", [{"proposal": proposal, **sync}] * 3)
     closed = [c["closed"] for c in closes if c["closed"]]
     assert len(closed) == 1 and list(closed[0]) == [str(proposal)]
     final = run(data_dir, "report", {"proposal": proposal})

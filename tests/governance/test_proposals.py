@@ -106,6 +106,8 @@ def test_vote_change_replaces_the_earlier_vote(alice, voting_proposal):
     assert second.pk == first.pk and second.changed_at >= first.changed_at
     tally = voting_proposal.tally()
     assert tally.power["yes"] == 0 and tally.power["no"] == 1000
+    history = list(voting_proposal.vote_history.order_by("at", "id").values_list("options", "first"))
+    assert history == [({"yes": "1"}, True), ({"no": "1"}, False)]
 
 
 def test_stake_moved_after_the_snapshot_changes_no_voting_power(alice, bob, voting_proposal):
