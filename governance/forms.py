@@ -3,7 +3,8 @@ from decimal import Decimal
 from django import forms
 from django.contrib.auth.forms import UserCreationForm
 
-from .models import ApiToken, User
+from .models import OPTION_LABELS, VOTE_OPTIONS, ApiToken, Refused, User, parse_vote_options
+from .targets import TARGETS
 from .wallet import validate_wallet_address
 
 
@@ -71,8 +72,6 @@ class ProposalForm(forms.Form):
     )
 
     def __init__(self, *args, **kwargs):
-        from .targets import TARGETS
-
         super().__init__(*args, **kwargs)
         groups = []
         for kind, entry in TARGETS.items():
@@ -91,10 +90,7 @@ class DepositForm(forms.Form):
 
 
 class VoteForm(forms.Form):
-    option = forms.ChoiceField(
-        choices=[("yes", "Yes"), ("no", "No"), ("abstain", "Abstain"), ("no_with_veto", "No with veto")],
-        widget=forms.RadioSelect, required=False,
-    )
+    option = forms.ChoiceField(choices=list(OPTION_LABELS.items()), widget=forms.RadioSelect, required=False)
     weighted = forms.BooleanField(required=False, label="Split my vote")
     weight_yes = forms.DecimalField(required=False, min_value=0, max_value=1, label="Yes")
     weight_no = forms.DecimalField(required=False, min_value=0, max_value=1, label="No")
@@ -102,18 +98,13 @@ class VoteForm(forms.Form):
     weight_no_with_veto = forms.DecimalField(required=False, min_value=0, max_value=1, label="No with veto")
 
     def clean(self):
-        from .models import Refused, parse_vote_options
-
         data = super().clean()
         if self.errors:
             return data
+        split = {name: str(data[f"weight_{name}"]) for name in VOTE_OPTIONS if data.get(f"weight_{name}")}
         try:
-            if data.get("weighted"):
-                split = {
-                    name: str(data[f"weight_{name}"])
-                    for name in ("yes", "no", "abstain", "no_with_veto")
-                    if data.get(f"weight_{name}")
-                }
+            # Weights typed without ticking the box still mean a split vote, unless an option is chosen.
+            if data.get("weighted") or (split and not data.get("option")):
                 data["weights"] = parse_vote_options(weighted=split)
             else:
                 if not data.get("option"):

@@ -141,6 +141,12 @@ class StakeChange(models.Model):
         user.stake = new_stake
         return cls.objects.create(user=user, old_stake=old, new_stake=new_stake, changed_by=changed_by, reason=reason)
 
+    @classmethod
+    def deduct(cls, user, amount, *, reason):
+        """Takes `amount` from the stake as stored now (never below zero) and records it."""
+        current = User.objects.select_for_update().values_list("stake", flat=True).get(pk=user.pk)
+        return cls.apply(user, max(current - amount, Decimal(0)), reason=reason)
+
 
 VOTE_OPTIONS = ("yes", "no", "abstain", "no_with_veto")
 OPTION_LABELS = {"yes": "Yes", "no": "No", "abstain": "Abstain", "no_with_veto": "No with veto"}
@@ -358,11 +364,7 @@ class Proposal(models.Model):
             deposit.settled_at = now
             deposit.save(update_fields=["burned", "status", "settled_at"])
             if burned:
-                depositor = deposit.depositor
-                StakeChange.apply(
-                    depositor, max(depositor.stake - burned, Decimal(0)),
-                    reason=f"deposit burned: proposal #{self.pk} {self.status}",
-                )
+                StakeChange.deduct(deposit.depositor, burned, reason=f"deposit burned: proposal #{self.pk} {self.status}")
 
     # --- voting period ----------------------------------------------------------------------
 
@@ -376,9 +378,12 @@ class Proposal(models.Model):
         """Records or replaces the user's vote (weights from parse_vote_options). The caller holds
         the proposal row, so concurrent submissions by one voter end as one vote."""
         now = now or timezone.now()
-        if self.status != self.Status.VOTING or now >= self.voting_end:
+        if self.status != self.Status.VOTING:
             raise Refused(f"Proposal #{self.pk} is not in its voting period (status: {self.status})",
                           code="not_in_voting_period", status=409)
+        if now >= self.voting_end:
+            raise Refused(f"Proposal #{self.pk} is not in its voting period: voting ended at "
+                          f"{self.voting_end:%Y-%m-%d %H:%M:%S} UTC", code="not_in_voting_period", status=409)
         power = self.voting_power_of(user)
         if power <= 0:
             raise Refused("You had no stake when voting opened, so you have no voting power on this proposal",

@@ -287,3 +287,15 @@ def test_beat_schedule_has_the_close_task(settings):
 
     app.loader.import_default_modules()
     assert "governance.tasks.close_due_proposals" in app.tasks
+
+
+def test_veto_burns_every_deposit_of_a_depositor_who_deposited_twice(alice, bob, adapter):
+    proposal = do_create_proposal(alice, kind="adapter", target=adapter.pk, title="t", deposit="4")
+    do_deposit(proposal.pk, alice, "6")
+    do_vote(proposal.pk, bob, VETO)
+    proposal.refresh_from_db()
+    assert do_close_proposal(proposal.pk, after_voting(proposal)) == "vetoed"
+    alice.refresh_from_db()
+    assert alice.stake == 990
+    assert list(StakeChange.objects.filter(user=alice).order_by("id").values_list("new_stake", flat=True)) == [
+        D(996), D(990)]
