@@ -58,6 +58,9 @@ def test_vote_through_htmx_records_the_vote_and_triggers_a_tally_refresh(alice_c
     assert Vote.objects.get().options == {"yes": "1"}
     live = alice_client.get(reverse("proposal-live", args=[voting_proposal.pk])).content.decode()
     assert "alice" in live and "every 3s" in live
+    alice_client.post(url, {"option": "no"}, **HTMX)
+    page = alice_client.get(reverse("proposal", args=[voting_proposal.pk])).content.decode()
+    assert "Vote history (2 submissions)" in page and "changed their vote to No" in page
 
 
 def test_weighted_vote_from_the_form(alice_client, voting_proposal):
