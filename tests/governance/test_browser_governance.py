@@ -62,6 +62,15 @@ def test_create_a_proposal_vote_from_two_users_and_watch_the_tally_and_result(li
         assert abs(seg_width(alice_page, "#bar-turnout .seg.no") - 37.5) < 0.01  # 600 / 1600
         assert "bob" in alice_page.inner_text("#vote-history")
 
+        # A split that does not sum to 1 is refused in place, and his No stands.
+        bob_page.click("details.split summary")
+        bob_page.fill("input[name=weight_yes]", "0.5")
+        bob_page.fill("input[name=weight_no]", "0.4")
+        bob_page.check("input[name=weighted]")
+        bob_page.get_by_role("button", name="Change vote").click()
+        bob_page.wait_for_selector("#vote-panel >> text=sum to exactly 1")
+        assert "No" == bob_page.inner_text("#my-vote")
+
         # Alice votes Yes; Bob's page follows.
         alice_page.check("input[name=option][value=yes]")
         alice_page.get_by_role("button", name="Vote").click()
