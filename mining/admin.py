@@ -15,3 +15,54 @@ class ModelVersionAdmin(admin.ModelAdmin):
     list_display = ("name", "architecture", "status", "size_bytes", "created", "activated_at")
     list_filter = ("status", "architecture")
     search_fields = ("name", "file_name", "sha256")
+
+
+# --- Ledger, peers and model versions ---
+
+from .models import BackboneFetch, Block, Peer, Transaction  # noqa: E402
+
+
+@admin.register(Peer)
+class PeerAdmin(admin.ModelAdmin):
+    list_display = ("name", "url", "enabled", "apply_announcements", "last_height", "last_sync_at", "last_error")
+    list_filter = ("enabled",)
+    search_fields = ("name", "url", "public_key")
+    readonly_fields = ("last_height", "last_error", "last_sync_at", "last_success_at", "created")
+
+
+class TransactionInline(admin.TabularInline):
+    model = Transaction
+    extra = 0
+    can_delete = False
+    readonly_fields = ("index", "tx_type", "payload", "timestamp", "hash")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Block)
+class BlockAdmin(admin.ModelAdmin):
+    """Read-only: blocks are only written by the ledger and chain sync."""
+
+    list_display = ("height", "origin", "tx_count", "hash", "timestamp")
+    list_filter = ("origin",)
+    search_fields = ("hash",)
+    inlines = [TransactionInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in self.model._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(BackboneFetch)
+class BackboneFetchAdmin(admin.ModelAdmin):
+    list_display = ("version", "state", "source", "bytes_done", "updated")
+    readonly_fields = ("version", "state", "source", "error", "bytes_done", "updated")
+
+    def has_add_permission(self, request):
+        return False
