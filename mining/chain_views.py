@@ -154,7 +154,7 @@ def block_page(request, height):
     origin = _origin(request)
     block = get_object_or_404(_blocks(origin).prefetch_related("transactions"), height=height)
     return render(request, "mining/chain/block.html", {
-        "origin": origin, "block": block,
+        "origin": origin, "chain_block": block,
         "has_next": _blocks(origin).filter(height=height + 1).exists(),
     })
 
