@@ -7,6 +7,11 @@ from mining.models import Block, Peer, Transaction
 
 
 
+
+@pytest.fixture(autouse=True)
+def blob_dir(settings, tmp_path):
+    settings.BLOB_DIR = tmp_path / "blobs"
+
 # --- GET /api/blobs/<cid> ---
 
 
