@@ -117,9 +117,9 @@ def _claim(version):
     return state
 
 
-def _finish(state, **fields):
+def _finish(row, **fields):
     fields["updated"] = timezone.now()
-    BackboneFetch.objects.filter(pk=state.pk).update(**fields)
+    BackboneFetch.objects.filter(pk=row.pk).update(**fields)
 
 
 def check_disk_space(version, directory, already=0):
