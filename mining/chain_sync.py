@@ -12,6 +12,7 @@ transaction. A Redis lock (with a TTL, so a killed worker cannot leave it stuck)
 runs off one peer; the unique (origin, height) constraint backs it up.
 """
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -182,10 +183,8 @@ def _get_json(peer, path, params):
     finally:
         response.close()
     try:
-        import json
-
         return json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise SyncError(f"peer {peer.name} answered something that is not JSON: {bytes(body[:80])!r}", "garbage") from None
 
 

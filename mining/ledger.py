@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 GENESIS_PREVIOUS_HASH = "0" * 64
 TX_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{1,39}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+SIGNATURE_RE = re.compile(r"^[0-9a-f]{128}$")
 
 # What the other apps record (a registry for the explorer's labels; `record` accepts any type
 # matching TX_TYPE_RE so a new kind of event needs no change here).
@@ -151,6 +152,10 @@ def _check_shape(block):
     for name in ("previous_hash", "merkle_root", "hash", "proposer"):
         if not HEX64_RE.match(block[name]):
             raise InvalidBlock(f"field {name!r} is not 64 lowercase hex characters")
+    if not SIGNATURE_RE.match(block["signature"]):
+        raise InvalidBlock("field 'signature' is not 128 lowercase hex characters")
+    if len(block["timestamp"]) > 40:
+        raise InvalidBlock("field 'timestamp' is longer than 40 characters")
     if len(block["transactions"]) != block["tx_count"]:
         raise InvalidBlock(f"tx_count says {block['tx_count']} but the block carries {len(block['transactions'])}")
     for i, tx in enumerate(block["transactions"]):
@@ -159,6 +164,8 @@ def _check_shape(block):
         for field, kind in _TX_FIELDS.items():
             if not isinstance(tx.get(field), kind):
                 raise InvalidBlock(f"transaction {i}: field {field!r} is missing or not a {kind.__name__}")
+        if not HEX64_RE.match(tx["hash"]) or len(tx["timestamp"]) > 40:
+            raise InvalidBlock(f"transaction {i}: malformed hash or timestamp")
         if not TX_TYPE_RE.match(tx["type"]):
             raise InvalidBlock(f"transaction {i}: type {tx['type']!r} is not a valid transaction type")
         if tx.get("index", i) != i:

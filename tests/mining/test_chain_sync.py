@@ -204,6 +204,11 @@ def test_a_peer_that_is_down_is_a_clear_error(db, settings):
     ((200, b'{"rows": []}', "application/json"), "without a 'blocks' list"),
     ((200, b'{"blocks": ["nonsense"]}', "application/json"), "a block must be a JSON object"),
     ((500, b"Internal Server Error", "text/plain"), "answered HTTP 500"),
+    ((200, b"[" * 100_000 + b"]" * 100_000, "application/json"), "not JSON"),
+    ((200, b'{"blocks": [{"height": 1, "previous_hash": "' + b"0" * 64 + b'", "merkle_root": "' + b"0" * 64
+      + b'", "timestamp": "' + b"x" * 500 + b'", "proposer": "' + b"0" * 64 + b'", "tx_count": 0, "hash": "'
+      + b"0" * 64 + b'", "signature": "' + b"0" * 128 + b'", "transactions": []}]}', "application/json"),
+     "longer than 40"),
 ])
 def test_a_peer_answering_garbage_is_a_clear_error(fake, peer, route, match):
     fake.routes["/api/chain/blocks"] = route
