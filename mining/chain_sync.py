@@ -80,7 +80,8 @@ def apply_adapter_approved(peer, payload):
 
     existing = Adapter.objects.filter(expert=payload["expert"], blob_cid=payload["blob_cid"]).first()
     if existing:
-        if existing.status != Adapter.Status.APPROVED:
+        # This node's own decision wins: an adapter retired here stays retired.
+        if existing.status == Adapter.Status.CANDIDATE:
             existing.approve()
         return
     metrics = dict(payload.get("metrics") or {})
@@ -103,30 +104,45 @@ def apply_adapter_approved(peer, payload):
 
 
 def check_dataset_announcement(payload):
-    _require(payload, {"name": str, "expert": str, "format": str, "blob_cid": str, "sha256": str,
-                       "size_bytes": int, "examples": int})
-    if payload["format"] not in Dataset.Format.values:
+    # `format` and `size_bytes` may be missing (older payloads): they are then read off the blob.
+    _require(payload, {"name": str, "expert": str, "blob_cid": str, "sha256": str})
+    if "format" in payload and payload["format"] not in Dataset.Format.values:
         raise ValueError(f"format {payload['format']!r} is not one of {', '.join(Dataset.Format.values)}")
+    for name in ("size_bytes", "examples"):
+        if name in payload and (not isinstance(payload[name], int) or isinstance(payload[name], bool) or payload[name] < 0):
+            raise ValueError(f"field {name!r} must be a non-negative integer")
     cids = _checked_cid(payload)
     if blobstore.sha256_hex_from_cid(payload["blob_cid"]) != payload["sha256"]:
         raise ValueError("sha256 does not match the blob CID")
     return cids
 
 
+def _guess_format(cid):
+    """jsonl when the first non-empty line of the (verified) blob is a JSON object, else text."""
+    for line in blobstore.read_bytes(cid).splitlines():
+        if line.strip():
+            try:
+                return Dataset.Format.JSONL if isinstance(json.loads(line), dict) else Dataset.Format.TEXT
+            except ValueError:
+                return Dataset.Format.TEXT
+    return Dataset.Format.TEXT
+
+
 def apply_dataset_approved(peer, payload):
     existing = Dataset.objects.filter(blob_cid=payload["blob_cid"]).first()
     if existing:
-        if existing.status != Dataset.Status.APPROVED:
+        # This node's own decision wins: a dataset rejected here stays rejected.
+        if existing.status == Dataset.Status.PENDING:
             existing.approve()
         return
     Dataset.objects.create(
         name=payload["name"][:200],
         expert=payload["expert"][:40],
-        format=payload["format"],
+        format=payload.get("format") or _guess_format(payload["blob_cid"]),
         blob_cid=payload["blob_cid"],
         sha256=payload["sha256"],
-        size_bytes=payload["size_bytes"],
-        examples=payload["examples"],
+        size_bytes=payload.get("size_bytes") or blobstore.path_for(payload["blob_cid"]).stat().st_size,
+        examples=payload.get("examples", 0),
         description=f"Replicated from peer {peer.name}. " + str(payload.get("description", "")),
         status=Dataset.Status.APPROVED,
         approved_at=timezone.now(),

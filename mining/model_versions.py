@@ -13,6 +13,7 @@ previous version and retires the current one. The inference worker consults
 `active_backbone_path()` to know which file to serve (see its docstring).
 """
 
+import functools
 import hashlib
 import logging
 import os
@@ -333,10 +334,21 @@ def _ledger_fields(version):
             "size_bytes": version.size_bytes, "blob_cid": version.blob_cid, "architecture": version.architecture}
 
 
+def _queue_fetch(version_id):
+    from kombu.exceptions import OperationalError
+
+    from .chain_tasks import fetch_model_version
+
+    try:
+        fetch_model_version.delay(version_id)
+    except OperationalError as exc:
+        log.warning("could not queue the fetch of backbone version %s (broker down?): %s", version_id, exc)
+
+
 def activate(version, *, require_file=True):
     """Makes `version` the active backbone and records it on the ledger. With `require_file`
-    (operators), its verified file must already be fetched; governance may pass False and queue a
-    fetch — `active_backbone_path()` stays None until the file is ready."""
+    (operators), its verified file must already be fetched; governance passes False: the fetch is
+    then queued, and `active_backbone_path()` stays None until the file is ready."""
     with transaction.atomic():
         version = ModelVersion.objects.select_for_update().get(pk=version.pk)
         if version.status == ModelVersion.Status.ACTIVE:
@@ -352,6 +364,8 @@ def activate(version, *, require_file=True):
         version.previous = current
         version.save(update_fields=["status", "activated_at", "previous"])
         ledger.record("backbone_activated", {**_ledger_fields(version), "previous": current.name if current else None})
+        if not is_ready(version):
+            transaction.on_commit(functools.partial(_queue_fetch, version.pk))
     log.info("backbone %s activated (previous: %s)", version.name, current)
     return version
 

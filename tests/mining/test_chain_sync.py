@@ -104,6 +104,29 @@ def test_an_announced_adapter_already_here_is_approved_not_duplicated(fake, peer
     assert not [p for p, _ in fake.requests if p.startswith("/api/blobs/")]  # the verified local copy is used
 
 
+def test_a_dataset_announcement_without_format_or_size_gets_them_from_the_blob(fake, peer, key):
+    kind, payload = dataset_tx()
+    del payload["format"], payload["size_bytes"], payload["description"]
+    text = b"plain prose about numbers\nmore prose\n"
+    text_cid = blobstore.cid_for_bytes(text)
+    fake.blocks = build_chain(key, [[(kind, payload)], [(kind, {**payload, "name": "prose", "blob_cid": text_cid,
+                                                                "sha256": blobstore.sha256_hex_from_cid(text_cid)})]])
+    serve_blobs(fake, DATASET_BYTES, text)
+    assert chain_sync.sync_peer(peer).error == ""
+    assert Dataset.objects.get(name="arithmetic").format == "jsonl"
+    assert Dataset.objects.get(name="arithmetic").size_bytes == len(DATASET_BYTES)
+    assert Dataset.objects.get(name="prose").format == "text"
+
+
+def test_local_decisions_win_over_a_peers_announcement(fake, peer, key):
+    blobstore.put_bytes(ADAPTER_BYTES)
+    Adapter.objects.create(expert="coding", version=1, blob_cid=blobstore.cid_for_bytes(ADAPTER_BYTES),
+                           sha256="ab" * 32, status=Adapter.Status.RETIRED)
+    fake.blocks = build_chain(key, [[adapter_tx()]])
+    assert chain_sync.sync_peer(peer).accepted == 1
+    assert Adapter.objects.get().status == Adapter.Status.RETIRED
+
+
 def refused(peer, fake, match, reason):
     before = metrics.chain_sync_failures.labels(reason)._value.get()
     result = chain_sync.sync_peer(peer)

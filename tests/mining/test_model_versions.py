@@ -222,6 +222,20 @@ def test_activation_refuses_unfetched_or_already_active_versions(db, site):
     assert model_versions.active_backbone_path() == model_versions.file_path(version)
 
 
+def test_a_governance_activation_queues_the_fetch_after_commit(db, site, django_capture_on_commit_callbacks):
+    from r3mes_site.celery import app
+
+    version = make_version(url=f"{site.url}/weights.bin")
+    app.conf.task_always_eager = True
+    try:
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            model_versions.activate(version, require_file=False)
+    finally:
+        app.conf.task_always_eager = False
+    assert len(callbacks) == 1
+    assert model_versions.active_backbone_path() == model_versions.file_path(version)
+
+
 def test_a_deleted_file_is_no_longer_served_as_the_backbone(fetched):
     model_versions.activate(fetched.one)
     model_versions.file_path(fetched.one).unlink()
