@@ -19,6 +19,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
 
 # --- Ledger, peers and model versions ---
 
+from django.db import models  # noqa: E402
+
 from .models import BackboneFetch, Block, Peer, Transaction  # noqa: E402
 
 
@@ -28,6 +30,18 @@ class PeerAdmin(admin.ModelAdmin):
     list_filter = ("enabled",)
     search_fields = ("name", "url", "public_key")
     readonly_fields = ("last_height", "last_error", "last_sync_at", "last_success_at", "created")
+    actions = ["sync_now"]
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+
+    @admin.action(description="Sync the selected peers now")
+    def sync_now(self, request, queryset):
+        from django.contrib import messages
+
+        from .chain_sync import sync_peer
+
+        for peer in queryset:
+            result = sync_peer(peer)
+            self.message_user(request, result.summary(), messages.ERROR if result.error else messages.SUCCESS)
 
 
 class TransactionInline(admin.TabularInline):

@@ -144,3 +144,15 @@ def test_staff_sync_now_reports_the_error_of_a_dead_peer(client, db, settings):
     assert b"unreachable" in response.content
     peer.refresh_from_db()
     assert "unreachable" in peer.last_error
+
+
+def test_admin_adds_a_peer_with_a_validated_key_and_syncs_it(admin_client, db, settings):
+    settings.R3MES_PEER_CONNECT_TIMEOUT = 1
+    bad = admin_client.post("/admin/mining/peer/add/", {"name": "x", "url": "http://127.0.0.1:9", "public_key": "XYZ",
+                                                          "enabled": "on", "apply_announcements": "on"})
+    assert b"64 lowercase hex" in bad.content and not Peer.objects.exists()
+    admin_client.post("/admin/mining/peer/add/", {"name": "x", "url": "http://127.0.0.1:9", "public_key": "a" * 64,
+                                                   "enabled": "on", "apply_announcements": "on"})
+    peer = Peer.objects.get()
+    response = admin_client.post("/admin/mining/peer/", {"action": "sync_now", "_selected_action": [peer.pk]}, follow=True)
+    assert b"unreachable" in response.content
