@@ -1,15 +1,25 @@
-"""Helpers for the ledger tests: a peer chain built with its own key, and a small threaded HTTP
-server standing in for a peer or a model download site (127.0.0.1, real sockets)."""
+"""Helpers for the ledger tests: a peer chain built with its own key, a small threaded HTTP server
+standing in for a peer or a model download site (127.0.0.1, real sockets), and a real second R3MES
+instance (daphne in a subprocess)."""
 
 import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mining import ledger
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class PeerKey:
@@ -122,3 +132,73 @@ class FakePeer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- A second R3MES instance: own data dir (SQLite, blobs, node key), own Redis database ---
+
+
+class Instance:
+    def __init__(self, directory):
+        self.data_dir = directory / "data"
+        self.env = {
+            **os.environ,
+            "R3MES_DATA_DIR": str(self.data_dir),
+            # Same test Redis server, another database number: no shared keys with this process.
+            "REDIS_URL": os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/3",
+            "LOG_LEVEL": "WARNING",
+            "DJANGO_SETTINGS_MODULE": "r3mes_site.settings",
+        }
+        self.scripts = directory
+        self.proc = None
+        self.url = None
+
+    def manage(self, *args, timeout=180):
+        done = subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    def run_script(self, code, *args):
+        path = self.scripts / f"script-{time.monotonic_ns()}.py"
+        path.write_text(code)
+        out = self.manage("shell", "-c", f"import sys; sys.argv += {list(args)!r}; exec(open({str(path)!r}).read())")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def start(self):
+        port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "r3mes_site.asgi:application"],
+            cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.scripts / "daphne.log", "wb"),
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("daphne exited: " + (self.scripts / "daphne.log").read_text()[-2000:])
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        raise RuntimeError("the second instance did not start within 60 s")
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def blob_path(self, cid):
+        return self.data_dir / "blobs" / cid[-2:] / cid
+
+    def sql(self, statement, *params):
+        with sqlite3.connect(self.data_dir / "r3mes.sqlite3", timeout=20) as conn:
+            conn.execute(statement, params)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
