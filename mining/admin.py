@@ -80,3 +80,51 @@ class BackboneFetchAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+@admin.action(description="Fetch and verify the selected versions (background)")
+def fetch_versions(modeladmin, request, queryset):
+    from django.contrib import messages
+
+    from .model_versions import queue_fetch
+
+    queued = sum(1 for version in queryset if queue_fetch(version.pk))
+    if queued < queryset.count():
+        modeladmin.message_user(request, "The task queue is unreachable; run `r3mes model fetch` on the node", messages.ERROR)
+    if queued:
+        modeladmin.message_user(request, f"Queued {queued} fetch(es); the Model versions page shows progress", messages.SUCCESS)
+
+
+@admin.action(description="Activate the selected version (must be fetched)")
+def activate_version(modeladmin, request, queryset):
+    from django.contrib import messages
+
+    from . import model_versions
+
+    if queryset.count() != 1:
+        modeladmin.message_user(request, "Select exactly one version to activate", messages.ERROR)
+        return
+    try:
+        version = model_versions.activate(queryset.get())
+    except model_versions.ActivationError as exc:
+        modeladmin.message_user(request, str(exc), messages.ERROR)
+    else:
+        modeladmin.message_user(request, f"{version.name} is now the active backbone", messages.SUCCESS)
+
+
+@admin.action(description="Roll back to the version the active one replaced")
+def rollback_version(modeladmin, request, queryset):
+    from django.contrib import messages
+
+    from . import model_versions
+
+    try:
+        version = model_versions.rollback()
+    except model_versions.ActivationError as exc:
+        modeladmin.message_user(request, str(exc), messages.ERROR)
+    else:
+        modeladmin.message_user(request, f"Rolled back to {version.name}", messages.SUCCESS)
+
+
+# Operators' actions on the shared ModelVersion admin (registered above).
+ModelVersionAdmin.actions = [fetch_versions, activate_version, rollback_version]

@@ -197,15 +197,14 @@ def models_page(request):
 @require_POST
 @staff_required
 def model_fetch(request, pk):
-    from .chain_tasks import fetch_model_version
-
     version = get_object_or_404(ModelVersion, pk=pk)
     state = model_versions.fetch_state(version)
     if state.is_running:
         messages.error(request, f"{version.name} is already being fetched")
-    else:
-        fetch_model_version.delay(version.pk)
+    elif model_versions.queue_fetch(version.pk):
         messages.success(request, f"Fetching {version.name} in the background; this page shows its progress")
+    else:
+        messages.error(request, "The task queue is unreachable; try again, or run `r3mes model fetch` on the node")
     return redirect("mining-models")
 
 

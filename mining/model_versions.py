@@ -334,7 +334,8 @@ def _ledger_fields(version):
             "size_bytes": version.size_bytes, "blob_cid": version.blob_cid, "architecture": version.architecture}
 
 
-def _queue_fetch(version_id):
+def queue_fetch(version_id):
+    """Queues the fetch task; False (logged) when the broker cannot be reached."""
     from kombu.exceptions import OperationalError
 
     from .chain_tasks import fetch_model_version
@@ -343,6 +344,8 @@ def _queue_fetch(version_id):
         fetch_model_version.delay(version_id)
     except OperationalError as exc:
         log.warning("could not queue the fetch of backbone version %s (broker down?): %s", version_id, exc)
+        return False
+    return True
 
 
 def activate(version, *, require_file=True):
@@ -365,7 +368,7 @@ def activate(version, *, require_file=True):
         version.save(update_fields=["status", "activated_at", "previous"])
         ledger.record("backbone_activated", {**_ledger_fields(version), "previous": current.name if current else None})
         if not is_ready(version):
-            transaction.on_commit(functools.partial(_queue_fetch, version.pk))
+            transaction.on_commit(functools.partial(queue_fetch, version.pk))
     log.info("backbone %s activated (previous: %s)", version.name, current)
     return version
 

@@ -284,3 +284,30 @@ def test_staff_fetch_button_runs_the_task(db, site, client, settings):
         assert model_versions.is_ready(version)
     finally:
         app.conf.task_always_eager = False
+
+
+def test_admin_actions_activate_and_roll_back(fetched, admin_client):
+    url = "/admin/mining/modelversion/"
+    both = [fetched.one.pk, fetched.two.pk]
+    response = admin_client.post(url, {"action": "activate_version", "_selected_action": both}, follow=True)
+    assert b"Select exactly one version" in response.content
+    admin_client.post(url, {"action": "activate_version", "_selected_action": [fetched.one.pk]})
+    response = admin_client.post(url, {"action": "activate_version", "_selected_action": [fetched.two.pk]}, follow=True)
+    assert b"Smol-2 is now the active backbone" in response.content  # the admin capitalises messages
+    response = admin_client.post(url, {"action": "rollback_version", "_selected_action": [fetched.two.pk]}, follow=True)
+    assert b"Rolled back to smol-1" in response.content
+    assert ModelVersion.active() == fetched.one
+
+
+def test_admin_fetch_action_queues_the_task(db, site, admin_client):
+    from r3mes_site.celery import app
+
+    version = make_version(url=f"{site.url}/weights.bin")
+    app.conf.task_always_eager = True
+    try:
+        response = admin_client.post("/admin/mining/modelversion/",
+                                     {"action": "fetch_versions", "_selected_action": [version.pk]}, follow=True)
+    finally:
+        app.conf.task_always_eager = False
+    assert b"Queued 1 fetch" in response.content
+    assert model_versions.is_ready(version)
