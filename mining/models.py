@@ -204,6 +204,11 @@ class Transaction(models.Model):
     def as_dict(self):
         return {"index": self.index, **self.body(), "hash": self.hash}
 
+    def payload_pretty(self):
+        import json
+
+        return json.dumps(self.payload, indent=2, sort_keys=True, ensure_ascii=False)
+
 
 class BackboneFetch(models.Model):
     """Download state of a ModelVersion on this node (one row per version): what the models page
