@@ -2,7 +2,6 @@
 closing and executing, the ledger. Views, the API, the CLI and Celery tasks call these functions;
 each one is a transaction, so a refused request changes nothing."""
 
-import importlib
 import logging
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
@@ -11,6 +10,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from mining import ledger
 from r3mes_site import metrics
 
 from .models import Proposal, Refused, User
@@ -230,15 +230,6 @@ def outcome_payload(proposal):
 
 
 def record_outcome(proposal):
-    """Records a final outcome on the ledger (`mining.ledger.record`), when the ledger exists.
-    Runs inside the closing transaction, so the outcome and its record commit together."""
-    try:
-        ledger = importlib.import_module("mining.ledger")
-    except ModuleNotFoundError as exc:
-        if exc.name == "mining.ledger":
-            return None
-        raise
-    record = getattr(ledger, "record", None)
-    if record is None:
-        return None
-    return record("governance_outcome", outcome_payload(proposal))
+    """Records a final outcome on the ledger. Runs inside the closing transaction, so the outcome
+    and its record commit together."""
+    return ledger.record("governance_outcome", outcome_payload(proposal))

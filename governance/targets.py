@@ -4,12 +4,13 @@ passed proposal. A registry dict; each entry names plain functions.
 A proposal that does not pass leaves its target as it was (the issue's rule), so a rejected dataset
 or adapter can be improved and proposed again."""
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from django.apps import apps
 from django.template.defaultfilters import filesizeformat
+
+from mining import ledger, model_versions
 
 
 @dataclass(frozen=True)
@@ -28,39 +29,22 @@ class TargetKind:
         return self.model_class().objects.filter(status=self.eligible_status)
 
 
-def _optional(module, name):
-    """`module.name` if that module exists (the ledger and backbone fetching live on the mining
-    branch and may not be merged yet), else None."""
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
-
-
 def _approve_adapter(adapter):
     # The router reads Adapter.servable() from the database per request: no restart needed.
     adapter.approve()
-    announce = _optional("mining.ledger", "announce_adapter_approved")
-    if announce is not None and adapter.blob_cid:
-        announce(adapter)  # peers replicating the ledger fetch and approve it too
+    if adapter.blob_cid:
+        ledger.announce_adapter_approved(adapter)  # peers replicating the ledger approve it too
 
 
 def _approve_dataset(dataset):
     dataset.approve()
-    announce = _optional("mining.ledger", "announce_dataset_approved")
-    if announce is not None and dataset.blob_cid:
-        announce(dataset)
+    if dataset.blob_cid:
+        ledger.announce_dataset_approved(dataset)
 
 
 def _activate_backbone(version):
-    # mining.model_versions.activate also records the activation and queues the file's fetch.
-    activate = _optional("mining.model_versions", "activate")
-    if activate is not None:
-        activate(version, require_file=False)
-    else:
-        version.activate()
+    # Records the activation on the ledger and queues the file's fetch if this node lacks it.
+    model_versions.activate(version, require_file=False)
 
 
 def _adapter_facts(adapter):

@@ -381,3 +381,19 @@ CELERY_BEAT_SCHEDULE["governance-close-due"] = {
     "task": "governance.tasks.close_due_proposals",
     "schedule": float(R3MES_GOV_CLOSE_INTERVAL),
 }
+# --- Ledger, chain sync and model versions ---
+
+# Peers pull blocks and blobs from these unauthenticated endpoints, so they get their own limit
+# (per client address).
+R3MES_RATE_PEER = (env_int("R3MES_RATE_PEER_PER_MINUTE", 600, minimum=1), 60)
+R3MES_PEER_CONNECT_TIMEOUT = env_float("R3MES_PEER_CONNECT_TIMEOUT", 5.0, minimum=0.1)
+R3MES_PEER_READ_TIMEOUT = env_float("R3MES_PEER_READ_TIMEOUT", 30.0, minimum=0.1)
+R3MES_PEER_MAX_PAGE_BYTES = env_int("R3MES_PEER_MAX_PAGE_BYTES", 32 * 1024 * 1024, minimum=1024)
+R3MES_PEER_MAX_BLOB_BYTES = env_int("R3MES_PEER_MAX_BLOB_BYTES", 64 * 1024**3, minimum=1)
+R3MES_CHAIN_SYNC_PAGE = env_int("R3MES_CHAIN_SYNC_PAGE", 200, minimum=1, maximum=1000)
+R3MES_CHAIN_SYNC_INTERVAL = env_float("R3MES_CHAIN_SYNC_INTERVAL", 60.0, minimum=1)
+R3MES_CHAIN_SYNC_LOCK_S = env_int("R3MES_CHAIN_SYNC_LOCK_S", 900, minimum=10)
+# Free space kept beyond a backbone's size when downloading it.
+R3MES_MODEL_DISK_MARGIN_BYTES = env_int("R3MES_MODEL_DISK_MARGIN_BYTES", 512 * 1024 * 1024, minimum=0)
+R3MES_MODEL_FETCH_TIMEOUT = env_float("R3MES_MODEL_FETCH_TIMEOUT", 60.0, minimum=0.1)
+CELERY_BEAT_SCHEDULE["mining-chain-sync"] = {"task": "mining.sync_chain", "schedule": R3MES_CHAIN_SYNC_INTERVAL}

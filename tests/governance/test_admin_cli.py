@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import types
 from decimal import Decimal
 from io import StringIO
 
@@ -76,33 +75,7 @@ def test_cli_close_due_closes_ended_proposals(alice, voting_proposal):
     assert "passed" in r3mes("proposals", "list", "--status", "passed")
 
 
-def test_record_outcome_calls_the_ledger_when_it_exists(monkeypatch, alice, voting_proposal):
-    # The mining ledger is built on another branch; until it is merged this stands in for its
-    # `record(tx_type, payload)` so the hook's contract is checked. With the real ledger present
-    # the next test exercises it instead.
-    recorded = []
-    fake = types.ModuleType("mining.ledger")
-    fake.record = lambda tx_type, payload: recorded.append((tx_type, payload))
-    try:
-        import mining.ledger  # noqa: F401
-        pytest.skip("the real ledger is present; see test_outcome_is_on_the_real_ledger")
-    except ModuleNotFoundError:
-        pass
-    monkeypatch.setitem(sys.modules, "mining.ledger", fake)
-    from governance.actions import do_close_proposal
-    from tests.governance.conftest import after_voting
-
-    do_vote(voting_proposal.pk, alice, {"yes": Decimal(1)})
-    do_close_proposal(voting_proposal.pk, after_voting(voting_proposal))
-    assert len(recorded) == 1
-    tx_type, payload = recorded[0]
-    assert tx_type == "governance_outcome"
-    assert payload["status"] == "passed" and payload["proposal"] == voting_proposal.pk
-    assert payload["tally"]["power"]["yes"] == "1000"
-
-
 def test_outcome_is_on_the_real_ledger(alice, voting_proposal):
-    pytest.importorskip("mining.ledger")
     from governance.actions import do_close_proposal
     from mining.models import Transaction
     from tests.governance.conftest import after_voting
