@@ -108,6 +108,12 @@ class TextStream:
     def flush(self) -> str:
         return self._take(len(self.text))
 
+    def finish(self) -> str:
+        """The sequence ended: hand out everything, even a dangling partial character (as U+FFFD)."""
+        if not self.stopped and self.ids:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.flush()
+
     def _take(self, upto: int) -> str:
         piece = self.text[self.emitted:upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
@@ -199,7 +205,7 @@ class Batch:
         out: list[StepOutput] = []
         for seq in [s for s in self.running + self.waiting if s.cancelled()]:
             seq.finish_reason = "cancelled"
-            out.append(StepOutput(seq, None, seq.stream.flush() if seq.stream else "", True))
+            out.append(StepOutput(seq, None, seq.stream.finish() if seq.stream else "", True))
             self._release(seq)
         decoding = list(self.running)
         while self.waiting and self.free_slots:
@@ -225,7 +231,7 @@ class Batch:
     def _accept(self, seq: Sequence, token: int) -> StepOutput:
         if token in self.tokenizer.eos_ids:
             seq.finish_reason = "stop"
-            return StepOutput(seq, token, seq.stream.flush(), True)
+            return StepOutput(seq, token, seq.stream.finish(), True)
         seq.output_ids.append(token)
         piece = seq.stream.push(token)
         if seq.stream.stopped:
@@ -234,8 +240,8 @@ class Batch:
             seq.finish_reason = "length"
         elif len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
             seq.finish_reason = "length"  # the next token would not fit in the KV cache
-        if seq.finished and not seq.stream.stopped:
-            piece += seq.stream.flush()
+        if seq.finished:
+            piece += seq.stream.finish()
         return StepOutput(seq, token, piece, seq.finished)
 
     def _release(self, seq: Sequence) -> None:
