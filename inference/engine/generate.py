@@ -25,6 +25,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -229,7 +230,7 @@ class Batch:
         return out
 
     def _accept(self, seq: Sequence, token: int) -> StepOutput:
-        if token in self.tokenizer.eos_ids:
+        if token in self.tokenizer.eos_ids and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
             return StepOutput(seq, token, seq.stream.finish(), True)
         seq.output_ids.append(token)
