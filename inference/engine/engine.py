@@ -162,7 +162,7 @@ class Engine:
 
     def new_batch(self, max_batch: int = 8, max_seq_len: int = 2048) -> Batch:
         """A continuous-batching scheduler on this engine's model (one active batch per engine)."""
-        return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix)
+        return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix, self.lock)
 
     def generate(self, messages_or_prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=(), adapters: dict[str, float] | None = None,
@@ -175,8 +175,8 @@ class Engine:
             raise ContextLengthExceeded(
                 f"prompt has {len(seq.prompt_ids)} tokens; the context holds {min(max_seq_len, self.config.max_seq_len)}")
         self.last_sequence = seq
-        with self.lock:
-            yield from generate(self.model, self.tokenizer, seq, max_seq_len, self.mixture_matrix, callback)
+        # The lock is taken per step (not across yields), so a slow consumer never blocks adapter loads.
+        yield from generate(self.model, self.tokenizer, seq, max_seq_len, self.mixture_matrix, callback, self.lock)
 
     # -- reporting -----------------------------------------------------------------------------
     def capabilities(self) -> dict:

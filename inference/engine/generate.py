@@ -169,8 +169,11 @@ class Batch:
     """
 
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_seq_len: int = 2048,
-                 mixture_matrix: Callable[[list[Sequence]], torch.Tensor | None] | None = None):
+                 mixture_matrix: Callable[[list[Sequence]], torch.Tensor | None] | None = None,
+                 lock=None):
         self.model, self.tokenizer = model, tokenizer
+        # Held during each step so adapters cannot be swapped out from under a forward.
+        self.lock = lock or threading.RLock()
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
         self.mixture_matrix = mixture_matrix or (lambda seqs: None)
@@ -200,9 +203,12 @@ class Batch:
         self.waiting.append(seq)
         return seq
 
-    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Admit waiting sequences (prefill), then decode one token for the others."""
+        with self.lock, torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> list[StepOutput]:
         out: list[StepOutput] = []
         for seq in [s for s in self.running + self.waiting if s.cancelled()]:
             seq.finish_reason = "cancelled"
@@ -255,9 +261,9 @@ class Batch:
 
 
 def generate(model, tokenizer: Tokenizer, seq: Sequence, max_seq_len: int = 2048,
-             mixture_matrix=None, callback: Callable[[str], None] | None = None) -> Iterator[str]:
+             mixture_matrix=None, callback: Callable[[str], None] | None = None, lock=None) -> Iterator[str]:
     """Generate for one sequence, yielding text pieces (and passing each to `callback`)."""
-    batch = Batch(model, tokenizer, max_batch=1, max_seq_len=max_seq_len, mixture_matrix=mixture_matrix)
+    batch = Batch(model, tokenizer, max_batch=1, max_seq_len=max_seq_len, mixture_matrix=mixture_matrix, lock=lock)
     batch.add(seq)
     while len(batch):
         for o in batch.step():

@@ -114,3 +114,18 @@ def test_ternary_load_option_ternarises_a_dense_llama_and_says_so(tiny_llama_dir
     # 2 bits per weight: one byte holds four weights
     assert layer.weight.numel() == layer.in_features * layer.out_features // 4
     assert torch.isfinite(engine.logits([1, 2, 3])).all()
+
+
+def test_dora_on_bitnet_uses_dequantised_ternary_w0_and_trains_through_ste(tmp_path):
+    from inference.engine.dora import dora_modules
+    from inference.engine.train import TrainConfig, train_dora
+
+    engine = Engine.load(make_tiny_bitnet(tmp_path))
+    engine.new_adapter("b", r=4, alpha=8)
+    layer = engine.model.model.layers[0].mlp.down_proj
+    assert torch.allclose(layer.lora_magnitude_vector["b"], torch.linalg.norm(layer.base_layer.dense_weight(), dim=1))
+    examples = [{"instruction": "abc", "response": "xyz"}, {"instruction": "hello", "response": "world"}]
+    result = train_dora(engine, examples, TrainConfig(rank=4, lr=1e-2, steps=4, batch_size=2), adapter="b")
+    assert result.losses[-1] < result.losses[0]
+    # every layer's B moved off zero: gradients crossed the quantised activations (STE) of later layers
+    assert all(m.lora_B["b"].abs().sum() > 0 for m in dora_modules(engine.model).values())
