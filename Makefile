@@ -5,10 +5,11 @@ R3MES_DATA_DIR ?= $(CURDIR)/var
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-export PORT R3MES_DATA_DIR
+R3MES_MODEL_CACHE_DIR ?= $(R3MES_DATA_DIR)/models
+export PORT R3MES_DATA_DIR R3MES_MODEL_CACHE_DIR
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test setup sysdeps test-sysdeps venv migrate demo bench gpu-extra clean-venv
+.PHONY: run test setup sysdeps test-sysdeps venv migrate model gpu-extra clean-venv
 
 run: setup
 	@$(PY) manage.py r3mes demo
@@ -18,7 +19,7 @@ test: setup test-sysdeps
 	@set +e; $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-setup: sysdeps venv migrate
+setup: sysdeps venv migrate model
 
 venv: $(VENV)/.installed
 
@@ -41,6 +42,10 @@ test-sysdeps:
 
 migrate: venv
 	@$(PY) manage.py migrate --noinput -v 0
+
+# Converts the embedded GGUF once into a safetensors cache (seconds on later runs).
+model: venv
+	@$(PY) -m inference.engine.prepare --cache-dir "$(R3MES_MODEL_CACHE_DIR)"
 
 gpu-extra: venv
 	$(VENV)/bin/pip install -r requirements-gpu.txt
