@@ -1,5 +1,3 @@
-import logging
-
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
