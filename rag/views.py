@@ -4,7 +4,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.http import Http404, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from r3mes_site.api import ApiError, api_token_required, api_view, parse_json, rate_limited
@@ -31,6 +31,17 @@ def access_document(user, document_id):
     if document is None:
         raise Http404("No such document")
     return document
+
+
+def check_request_size(request):
+    """Refuses an oversized upload from its Content-Length, before Django spools it to disk."""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    limit = settings.R3MES_MAX_UPLOAD_BYTES
+    if length > limit + 64 * 1024:  # room for the multipart envelope
+        raise actions.UploadError(413, f"The upload is {length} bytes; the limit is {limit} bytes per file")
 
 
 # --- Pages ---------------------------------------------------------------------------------------
@@ -71,6 +82,10 @@ def upload(request, collection_id):
     """One file per request (the page sends each dropped file on its own, so each gets its own
     progress bar); answers with the document's row, or an error row with a 4xx status."""
     collection = access_collection(request.user, collection_id)
+    try:
+        check_request_size(request)
+    except actions.UploadError as exc:
+        return render(request, "rag/partials/upload_error.html", {"name": "(upload)", "error": exc.message}, status=exc.status)
     uploaded = request.FILES.get("file")
     name = uploaded.name if uploaded else "(no file)"
     try:
@@ -162,6 +177,10 @@ def api_collections(request):
 @api_token_required
 @rate_limited("api", "R3MES_RATE_API")
 def api_documents(request):
+    try:
+        check_request_size(request)
+    except actions.UploadError as exc:
+        raise ApiError(exc.status, exc.message, param="file") from None
     uploaded = request.FILES.get("file")
     if uploaded is None:
         raise ApiError(400, "Send the document as multipart/form-data field 'file'", param="file")

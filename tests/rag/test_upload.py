@@ -46,6 +46,13 @@ def test_files_over_the_size_limit_are_refused(api_client, collection, settings)
     assert not Document.objects.exists()
 
 
+def test_an_oversized_request_is_refused_before_it_is_read(api_client, collection, settings):
+    settings.R3MES_MAX_UPLOAD_BYTES = 1000
+    response = api_client.post("/api/rag/documents", {"file": SimpleUploadedFile("big.txt", b"word " * 40000), "collection": collection.pk})
+    assert response.status_code == 413 and "limit is 1000 bytes" in response.json()["error"]["message"]
+    assert not Document.objects.exists()
+
+
 def test_the_type_comes_from_the_content_not_the_name():
     assert check(b"# Title\n\nSome *markdown* text.\n") == "text/markdown"
     assert check(b"plain words, nothing else\n") == "text/plain"
