@@ -76,11 +76,12 @@ def readable_collection_ids(user, collections=None):
     return sorted(allowed)
 
 
-def retrieve(query, user, collections=None, top_k=5, threshold=None, mode="hybrid"):
+def retrieve(query, user, collections=None, top_k=5, threshold=None, mode="hybrid", query_vector=None):
     """The top_k passages for `query` from collections `user` may read, best first.
 
     `threshold` (default R3MES_RAG_MIN_SCORE) is the least cosine similarity a passage needs;
-    `mode` "dense" or "bm25" ranks by one list only (for comparison in the benchmark)."""
+    `mode` "dense" or "bm25" ranks by one list only (for comparison in the benchmark);
+    `query_vector` is the query's embedding when the caller already has it."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     started = time.perf_counter()
@@ -90,7 +91,8 @@ def retrieve(query, user, collections=None, top_k=5, threshold=None, mode="hybri
         return []
     threshold = settings.R3MES_RAG_MIN_SCORE if threshold is None else threshold
     n = max(settings.R3MES_RAG_CANDIDATES, top_k)
-    query_vector = embed_query(query)
+    if query_vector is None:
+        query_vector = embed_query(query)
 
     dense, sparse = [], []
     for collection_id in collection_ids:

@@ -2,6 +2,7 @@ import pytest
 from django.core.exceptions import PermissionDenied
 
 from governance.models import ApiToken
+from rag.embedding import embed_query
 from rag.models import Collection
 from rag.retrieval import RRF_K, cited_sources, format_sources, reciprocal_rank_fusion, retrieve
 from tests.rag.pdfs import make_pdf
@@ -40,6 +41,8 @@ def test_hybrid_finds_exact_terms_and_paraphrases_and_reports_scores(collection,
 
 def test_threshold_drops_weak_passages(collection, add_and_ingest, alice):
     add_and_ingest(collection, "bees.txt", PUBLIC.encode())
+    query = "bees dance"
+    assert retrieve(query, alice, query_vector=embed_query(query)) == retrieve(query, alice)
     assert retrieve("bees dance", alice, threshold=0.2)
     assert retrieve("quarterly tax filing deadlines", alice, threshold=0.5) == []
 
