@@ -397,3 +397,23 @@ R3MES_CHAIN_SYNC_LOCK_S = env_int("R3MES_CHAIN_SYNC_LOCK_S", 900, minimum=10)
 R3MES_MODEL_DISK_MARGIN_BYTES = env_int("R3MES_MODEL_DISK_MARGIN_BYTES", 512 * 1024 * 1024, minimum=0)
 R3MES_MODEL_FETCH_TIMEOUT = env_float("R3MES_MODEL_FETCH_TIMEOUT", 60.0, minimum=0.1)
 CELERY_BEAT_SCHEDULE["mining-chain-sync"] = {"task": "mining.sync_chain", "schedule": R3MES_CHAIN_SYNC_INTERVAL}
+# --- RAG ---------------------------------------------------------------------------------------
+
+# Chunk size counts tokens of the embedding tokenizer including [CLS]/[SEP]: what the model sees.
+R3MES_RAG_CHUNK_TOKENS = env_int("R3MES_RAG_CHUNK_TOKENS", 512, minimum=16)
+R3MES_RAG_CHUNK_OVERLAP = env_int("R3MES_RAG_CHUNK_OVERLAP", 50, minimum=0)
+if R3MES_RAG_CHUNK_OVERLAP >= R3MES_RAG_CHUNK_TOKENS // 2:
+    fail("R3MES_RAG_CHUNK_OVERLAP", f"must be less than half of R3MES_RAG_CHUNK_TOKENS ({R3MES_RAG_CHUNK_TOKENS})")
+R3MES_RAG_EMBED_BATCH = env_int("R3MES_RAG_EMBED_BATCH", 32, minimum=1)
+# Above this many vectors a collection's FAISS index switches from exact (flat) to HNSW.
+R3MES_RAG_HNSW_THRESHOLD = env_int("R3MES_RAG_HNSW_THRESHOLD", 50000, minimum=1)
+# Candidates taken from each of the dense and BM25 lists before reciprocal rank fusion.
+R3MES_RAG_CANDIDATES = env_int("R3MES_RAG_CANDIDATES", 50, minimum=1)
+R3MES_RAG_MIN_SCORE = env_float("R3MES_RAG_MIN_SCORE", 0.0)
+R3MES_RAG_NEWS_TTL_DAYS = env_int("R3MES_RAG_NEWS_TTL_DAYS", 7, minimum=1)
+# A document "processing" for longer than this is taken to have lost its worker (re-queued by beat).
+R3MES_RAG_STALE_SECONDS = env_int("R3MES_RAG_STALE_SECONDS", 1800, minimum=10)
+R3MES_RAG_MAX_ATTEMPTS = env_int("R3MES_RAG_MAX_ATTEMPTS", 3, minimum=1)
+
+CELERY_BEAT_SCHEDULE["rag-purge-expired"] = {"task": "rag.tasks.purge_expired_documents", "schedule": 3600.0}
+CELERY_BEAT_SCHEDULE["rag-recover-stale"] = {"task": "rag.tasks.recover_stale_documents", "schedule": 300.0}
