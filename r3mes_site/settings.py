@@ -329,6 +329,7 @@ LOGGING = {
     "loggers": {
         "django.db.backends": {"level": "INFO"},
         "daphne": {"level": "INFO"},
+        "faiss.loader": {"level": "WARNING"},
     },
 }
 
