@@ -128,7 +128,8 @@ class BitLinear(nn.Module):
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """W0 of any backbone linear (dense or ternary) as the float tensor the DoRA norm needs."""
-    if isinstance(linear, BitLinear):
+    """W0 of any backbone linear as the float tensor the DoRA norm needs. Quantised layers swapped
+    in later (int8/int4/ternary kernels) expose `dense_weight()`; nn.Linear has `.weight`."""
+    if hasattr(linear, "dense_weight"):
         return linear.dense_weight()
     return linear.weight

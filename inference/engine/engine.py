@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import dora
-from .errors import AdapterError, ContextLengthExceeded, EngineError, ModelLoadError
+from .errors import AdapterError, ContextLengthExceeded, EngineError
 from .generate import Batch, SamplingParams, Sequence, generate
 from .loaders import load_model, prepare_default_model
 from .model import Transformer

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from inference.engine import AdapterError, Engine, MixtureError, UnknownAdapter
+from inference.engine import AdapterError, MixtureError, UnknownAdapter
 from inference.engine.dora import DoraLinear, dora_modules
 
 from .conftest import make_tiny_llama

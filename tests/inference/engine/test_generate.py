@@ -1,10 +1,9 @@
 import threading
 
 import pytest
-import torch
 
 from inference.engine import ContextLengthExceeded, EngineError
-from inference.engine.generate import SamplingParams, Sequence, TextStream
+from inference.engine.generate import SamplingParams, TextStream
 
 from .test_dora import make_peft_adapter
 
