@@ -1,12 +1,14 @@
+import _thread
 import logging
 import signal
+import threading
 
 from channels.layers import get_channel_layer
 from channels.routing import get_default_application
 from channels.worker import Worker
 
 from .protocol import INFERENCE_CHANNEL
-from .worker import start_loading, state
+from .worker import drain, start_loading, state
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +19,19 @@ def register(subparsers):
 
 
 def run_worker(command, options):
+    from django.conf import settings
+
+    def drain_then_exit():
+        drain(settings.R3MES_DRAIN_GRACE_S)
+        _thread.interrupt_main()  # Channels' server exits cleanly on KeyboardInterrupt
+
     def stop(signum, frame):
-        # Channels' server exits cleanly on KeyboardInterrupt; SIGTERM (honcho, systemd) gets the same.
-        state.draining = True
-        raise KeyboardInterrupt
+        # SIGTERM (honcho, systemd): no new requests, running answers get the grace period, the
+        # rest end with an error frame; the event loop keeps sending frames meanwhile.
+        if not state.draining:
+            log.info("draining: %s s grace for running answers", settings.R3MES_DRAIN_GRACE_S)
+            state.draining = True
+            threading.Thread(target=drain_then_exit, name="drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     start_loading()

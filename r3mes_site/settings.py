@@ -330,3 +330,20 @@ LOGGING = {
 
 R3MES_RATE_API = (env_int("R3MES_RATE_API_PER_MINUTE", 120, minimum=1), 60)
 R3MES_RATE_CHAT = (env_int("R3MES_RATE_CHAT_PER_MINUTE", 30, minimum=1), 60)
+
+# --- Playground / inference worker ---------------------------------------------------------------
+
+R3MES_MAX_BATCH = env_int("R3MES_MAX_BATCH", 8, minimum=1)  # sequences decoded together per step
+R3MES_MAX_QUEUE = env_int("R3MES_MAX_QUEUE", 32, minimum=0)  # waiting beyond the batch; then "busy, retry"
+R3MES_MAX_SEQ_LEN = env_int("R3MES_MAX_SEQ_LEN", 2048, minimum=64)  # KV cache length per sequence
+R3MES_MAX_NEW_TOKENS = env_int("R3MES_MAX_NEW_TOKENS", 1024, minimum=1)
+R3MES_DEFAULT_MAX_TOKENS = env_int("R3MES_DEFAULT_MAX_TOKENS", 256, minimum=1)
+R3MES_MAX_PROMPT_CHARS = env_int("R3MES_MAX_PROMPT_CHARS", 16000, minimum=1)  # one message
+R3MES_MAX_MESSAGES = env_int("R3MES_MAX_MESSAGES", 100, minimum=1)
+R3MES_TOKEN_FLUSH_MS = env_int("R3MES_TOKEN_FLUSH_MS", 40, minimum=5)  # token pieces batched this long
+R3MES_HEARTBEAT_S = env_float("R3MES_HEARTBEAT_S", 1.0, minimum=0.1)  # worker says "still on it" this often
+# The client gives up (error frame, cancel) when no worker accepts a request within ACCEPT, or no
+# frame (tokens or heartbeat) arrives within IDLE.
+R3MES_WORKER_ACCEPT_TIMEOUT = env_float("R3MES_WORKER_ACCEPT_TIMEOUT", 5.0, minimum=0.1)
+R3MES_STREAM_IDLE_TIMEOUT = env_float("R3MES_STREAM_IDLE_TIMEOUT", 10.0, minimum=0.5)
+R3MES_DRAIN_GRACE_S = env_float("R3MES_DRAIN_GRACE_S", 20.0, minimum=0)  # SIGTERM: running answers get this long
