@@ -223,7 +223,13 @@ if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 60},
+        # redis-py 8 defaults to a 5 s socket timeout, the same as channels_redis's blocking-pop
+        # timeout; a longer socket timeout keeps idle receivers from timing out.
+        "CONFIG": {
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 2}],
+            "capacity": 1000,
+            "expiry": 60,
+        },
     }
 }
 CACHES = {
@@ -330,6 +336,10 @@ LOGGING = {
 
 R3MES_RATE_API = (env_int("R3MES_RATE_API_PER_MINUTE", 120, minimum=1), 60)
 R3MES_RATE_CHAT = (env_int("R3MES_RATE_CHAT_PER_MINUTE", 30, minimum=1), 60)
+
+# --- Blob store ---------------------------------------------------------------------------------
+
+IPFS_API_URL = env_str("IPFS_API_URL", "")
 
 # --- Playground / inference worker ---------------------------------------------------------------
 
