@@ -104,8 +104,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def send_json(self, frame):
         await self.send(text_data=json.dumps(frame))
 
-    async def send_error(self, code, message, **extra):
-        await self.send_json({"type": "error", "code": code, "message": message, **extra})
+    async def send_error(self, code, text, **extra):
+        await self.send_json({"type": "error", "code": code, "message": text, **extra})
 
     async def receive(self, text_data=None, bytes_data=None):
         if not self.user or not self.user.is_authenticated:
@@ -151,7 +151,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     done = frame
         except GenerationError as exc:
             await database_sync_to_async(chat.finish_answer)(answer_id, Message.Status.ERROR, text, error=exc.message)
-            await self.send_error(exc.code, exc.message, message=answer_id, retry_after=exc.retry_after,
+            await self.send_error(exc.code, exc.message, answer=answer_id, retry_after=exc.retry_after,
                                   html=render_markdown(text))
             return
         except asyncio.CancelledError:

@@ -169,7 +169,7 @@ async def ask_worker(message_type, timeout, **payload):
     """Sends one request/reply message to any inference worker; returns its reply or raises
     TimeoutError."""
     layer = get_channel_layer()
-    reply_channel = await layer.new_channel("ask.")
+    reply_channel = await layer.new_channel()  # one prefix per process: channels_redis receives all of them in one pop
     sent_at = time.time()
     await layer.send(INFERENCE_CHANNEL, {"type": message_type, "reply_channel": reply_channel,
                                          "sent_at": sent_at, **payload})
@@ -198,7 +198,7 @@ async def generate(messages, options, *, request_id=None, accept_timeout=None, i
     accept_timeout = accept_timeout or settings.R3MES_WORKER_ACCEPT_TIMEOUT
     idle_timeout = idle_timeout or settings.R3MES_STREAM_IDLE_TIMEOUT
     request_id = request_id or uuid.uuid4().hex
-    reply_channel = await layer.new_channel("gen.")
+    reply_channel = await layer.new_channel()
     worker = None
     finished = False
     meter = _Meter()

@@ -46,4 +46,5 @@ def inference_worker():
     worker.wait_ready(ping)
     yield worker
     worker.terminate()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    if not os.environ.get("R3MES_KEEP_TEST_LOGS"):
+        shutil.rmtree(data_dir, ignore_errors=True)

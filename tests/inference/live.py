@@ -20,7 +20,7 @@ def stack_env(data_dir, redis_url, **extra):
     env.update({
         "R3MES_DATA_DIR": str(data_dir), "REDIS_URL": redis_url, "DJANGO_SETTINGS_MODULE": "r3mes_site.settings",
         "R3MES_TORCH_THREADS": "1", "R3MES_MAX_SEQ_LEN": "512", "R3MES_MAX_BATCH": "8",
-        "R3MES_STREAM_IDLE_TIMEOUT": "4", "R3MES_WORKER_ACCEPT_TIMEOUT": "3", "LOG_LEVEL": "WARNING",
+        "R3MES_STREAM_IDLE_TIMEOUT": "4", "R3MES_WORKER_ACCEPT_TIMEOUT": "3", "LOG_LEVEL": "INFO",
         "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
     })
     env.update({k: str(v) for k, v in extra.items()})
