@@ -211,12 +211,13 @@ class Feedback(models.Model):
         }
 
     @classmethod
-    def export_jsonl(cls, out, expert=None):
+    def export_jsonl(cls, out, expert=None, queryset=None):
         """Writes corrections and thumbs-up answers (optionally only one expert's) as JSONL lines;
         returns how many were written and marks them exported."""
         import json
 
-        rows = cls.objects.select_related("message__conversation").order_by("created", "pk")
+        rows = (queryset if queryset is not None else cls.objects).select_related("message__conversation")
+        rows = rows.order_by("created", "pk")
         if expert:
             rows = rows.filter(expert=expert)
         written = []

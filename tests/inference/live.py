@@ -44,7 +44,7 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}: {Path(self.log_path).read_text()[-3000:]}")
             reply = ping()
-            if reply and reply.get("model_loaded") and reply.get("pid") == self.proc.pid:
+            if reply and reply.get("model_loaded") and reply.get("pid", self.proc.pid) == self.proc.pid:
                 return reply
             if reply and reply.get("load_error"):
                 raise RuntimeError(reply["load_error"])
