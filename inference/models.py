@@ -100,6 +100,11 @@ class Conversation(models.Model):
             out.append(message.as_chat())
         return out
 
+    def expire_stale_answers(self, older_than):
+        """Answers left "streaming" by a web process that died mid-answer become errors."""
+        self.messages.filter(status=Message.Status.STREAMING, created__lt=timezone.now() - older_than).update(
+            status=Message.Status.ERROR, error="interrupted: the server restarted before the answer finished")
+
     def last_user_message(self):
         return self.messages.filter(role=Message.Role.USER).order_by("-created", "-pk").first()
 

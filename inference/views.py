@@ -7,6 +7,7 @@ from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from .chat import STALE_STREAM
 from .markdown import pygments_css, render_markdown
 from .models import Conversation, Feedback, Message
 
@@ -29,6 +30,7 @@ def playground(request, pk=None):
     conversation = _conversation_or_404(request.user, pk) if pk is not None else None
     thread = []
     if conversation is not None:
+        conversation.expire_stale_answers(STALE_STREAM)
         feedback = {f.message_id: f for f in Feedback.objects.filter(user=request.user, message__conversation=conversation)}
         for message in conversation.visible_messages():
             versions = message.versions() if message.role == Message.Role.ASSISTANT else []
