@@ -212,8 +212,11 @@ def _experts_table():
 @async_api_view(["GET"])
 async def experts(request):
     table = await sync_to_async(_experts_table)()
-    stats = await _worker_health()
-    resident = set((await _ask("inference.stats", settings.R3MES_WORKER_PING_TIMEOUT)).get("adapters", [])) if stats else set()
+    try:  # which adapters the worker holds in memory; the list itself needs no worker
+        reply = await protocol.ask_worker("inference.stats", settings.R3MES_WORKER_PING_TIMEOUT)
+        resident = set(reply.get("adapters", []))
+    except TimeoutError:
+        resident = set()
     for row in table:
         row["resident"] = row["expert"] in resident
     return JsonResponse({"experts": table, "total": len(table)})

@@ -444,12 +444,11 @@ def drain(grace_s):
 
 def warmup():
     """One short generation through the batch (the first forward pays for allocation)."""
-    done = threading.Event()
     job = Job("warmup-" + os.urandom(4).hex(), "", [{"role": "user", "content": "Hi"}], {"max_tokens": 2})
     started = time.monotonic()
     state.scheduler.submit(job)
     while not job.ended and time.monotonic() - started < 60:
-        done.wait(0.05)
+        time.sleep(0.05)
     with state.scheduler.lock:  # nobody listens for a warmup's frames
         state.scheduler.jobs.pop(job.request_id, None)
     return {"ok": job.finish_reason is not None, "ms": round((time.monotonic() - started) * 1000, 1),

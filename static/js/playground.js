@@ -69,8 +69,10 @@ function bubble(role, html) {
 }
 
 function userBubble(text) {
+  thread.querySelectorAll(".pg-edit").forEach((b) => b.remove());  // only the last message is editable
   const div = bubble("user");
   div.querySelector(".content").textContent = text;
+  div.insertAdjacentHTML("beforeend", '<button type="button" class="link-button pg-edit">Edit</button>');
   return div;
 }
 

@@ -98,3 +98,37 @@ def test_stats_count_generated_tokens(live_stack):
 def test_api_needs_a_bearer_token(live_stack):
     response = requests.post(live_stack.url + "/v1/chat/completions", json={"messages": []}, timeout=10)
     assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+
+
+MAKE_ADAPTER = """
+import os, torch
+from django.conf import settings
+from inference.engine import Engine
+from inference.models import Adapter
+torch.set_num_threads(1)
+engine = Engine.load(cache_dir=settings.MODEL_CACHE_DIR)
+engine.new_adapter("coding", r=4, alpha=8, seed=1)
+path = engine.save_adapter("coding", os.path.join(settings.DATA_DIR, "adapters", "coding-v1"))
+Adapter.objects.create(expert="coding", version=1, path=str(path), sha256="0" * 64, rank=4, alpha=8).approve()
+"""
+
+
+def test_an_approved_adapter_preloads_and_serves_forced_expert_requests(live_stack, client):
+    import subprocess
+
+    from tests.inference.live import PYTHON, REPO
+
+    subprocess.run([PYTHON, "manage.py", "shell", "-c", MAKE_ADAPTER], cwd=REPO, env=live_stack.env, check=True,
+                   capture_output=True, timeout=180)
+    headers = {"Authorization": f"Bearer {live_stack.token}"}
+    preload = requests.post(live_stack.url + "/api/inference/adapters/preload", headers=headers,
+                            json={"experts": ["coding"]}, timeout=120)
+    assert preload.status_code == 200 and preload.json()["adapters"] == {"coding": "loaded"}
+    experts = requests.get(live_stack.url + "/api/inference/experts", headers=headers, timeout=10).json()
+    assert [(e["expert"], e["version"], e["resident"]) for e in experts["experts"]] == [("coding", 1, True)]
+
+    completion = client.chat.completions.create(
+        model="r3mes", messages=[{"role": "user", "content": "Write a Python loop."}], max_tokens=5,
+        extra_body={"r3mes": {"experts": ["coding"]}})
+    assert completion.model_extra["r3mes"]["experts"] == {"coding": 1.0}
+    assert completion.model_extra["r3mes"]["metrics"]["routing"] == "forced"
