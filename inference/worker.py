@@ -236,6 +236,8 @@ class Scheduler:
         frames = []
         with self.lock:
             for job in list(self.jobs.values()):
+                if not job.reply_channel:  # a warmup: its caller watches the job itself
+                    continue
                 base = {"request_id": job.request_id, "worker": worker}
                 if job.pending:
                     frames.append((job.reply_channel, {"type": "generate.tokens", **base, "text": job.pending,

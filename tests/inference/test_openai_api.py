@@ -84,12 +84,12 @@ def test_models_endpoint_lists_r3mes(client):
 
 def test_stats_count_generated_tokens(live_stack):
     headers = {"Authorization": f"Bearer {live_stack.token}"}
+    warm = requests.post(live_stack.url + "/api/inference/warmup", headers=headers, timeout=120)
+    assert warm.status_code == 200 and warm.json()["ok"]  # a short generation through the batch
     stats = requests.get(live_stack.url + "/api/inference/stats", headers=headers, timeout=10).json()
     assert stats["model_loaded"] and stats["generated_tokens"] > 0 and stats["running"] == 0
     experts = requests.get(live_stack.url + "/api/inference/experts", headers=headers, timeout=10).json()
     assert experts == {"experts": [], "total": 0}
-    warm = requests.post(live_stack.url + "/api/inference/warmup", headers=headers, timeout=120)
-    assert warm.status_code == 200 and warm.json()["ok"]
     bad = requests.post(live_stack.url + "/api/inference/adapters/preload", headers=headers, json={"experts": ["x"]},
                         timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_expert"
