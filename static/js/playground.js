@@ -81,8 +81,8 @@ function answerActions(div) {
   actions.className = "actions";
   actions.innerHTML = `<button type="button" class="link-button pg-copy">Copy</button>
     <button type="button" class="link-button pg-regenerate">Regenerate</button>
-    <button type="button" class="link-button pg-up" aria-label="Thumbs up">👍</button>
-    <button type="button" class="link-button pg-down" aria-label="Thumbs down">👎</button>
+    <button type="button" class="link-button pg-up" aria-label="Thumbs up" title="Thumbs up">▲ Good</button>
+    <button type="button" class="link-button pg-down" aria-label="Thumbs down" title="Thumbs down">▼ Bad</button>
     <button type="button" class="link-button pg-correct">Correct this answer</button>`;
   div.appendChild(actions);
 }
