@@ -246,3 +246,37 @@ def test_killed_worker_gives_an_error_frame_then_a_restarted_worker_serves(infer
         return frames
 
     assert run(again())[-1]["type"] == "done"
+
+
+def test_chat_messages_are_rate_limited_per_user_with_an_error_frame(alice, settings):
+    settings.R3MES_RATE_CHAT = (1, 60)
+
+    async def scenario():
+        communicator = await connect(alice)
+        frames = []
+        for _ in range(2):
+            await communicator.send_json_to({"type": "chat", "content": ""})
+            frames.append(json.loads(await communicator.receive_from()))
+        await communicator.disconnect()
+        return frames
+
+    first, second = run(scenario())
+    assert first["code"] == "invalid_request"
+    assert second["code"] == "rate_limited" and second["retry_after"] >= 1
+
+
+def test_a_conversation_answering_in_another_tab_refuses_a_second_prompt(alice):
+    conversation = Conversation.objects.create(owner=alice, title="busy")
+    prompt = Message.objects.create(conversation=conversation, role="user", content="first")
+    Message.objects.create(conversation=conversation, role="assistant", reply_to=prompt, status="streaming")
+
+    async def scenario():
+        communicator = await connect(alice)
+        await communicator.send_json_to(chat("second", conversation=conversation.pk))
+        frame = json.loads(await communicator.receive_from())
+        await communicator.disconnect()
+        return frame
+
+    frame = run(scenario())
+    assert frame["code"] == "busy"
+    assert conversation.messages.count() == 2
