@@ -46,6 +46,8 @@ class Engine:
         self.load_seconds = load_seconds
         self.adapter_paths: dict[str, str] = {}
         self.model.adapter_meta = {}
+        # The backbone is frozen; only DoRA parameters may ever be trained (train.py checks).
+        self.model.requires_grad_(False)
         dora.attach_context(model)
         # Adapter (un)loading rewrites the DoRA stacks that a running forward reads.
         self.lock = threading.RLock()
@@ -148,31 +150,33 @@ class Engine:
 
     def sequence(self, messages_or_prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=(), adapters: dict[str, float] | None = None,
-                 cancel=None) -> Sequence:
+                 cancel=None, ignore_eos: bool = False) -> Sequence:
         """Build a validated Sequence (for `generate` or for a worker's `Batch`)."""
         ids = self._check_ids(self.tokenize(self.render(messages_or_prompt)))
         if adapters:
             dora.mixture_vector(adapters, self.adapters)  # raise now, not mid-batch
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+                                seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()),
+                                ignore_eos=ignore_eos)
         return Sequence(ids, params, dict(adapters) if adapters else None, cancel)
 
     def new_batch(self, max_batch: int = 8, max_seq_len: int = 2048) -> Batch:
         """A continuous-batching scheduler on this engine's model (one active batch per engine)."""
-        return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix)
+        return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix, self.lock)
 
     def generate(self, messages_or_prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=(), adapters: dict[str, float] | None = None,
                  cancel=None, callback: Callable[[str], None] | None = None,
-                 max_seq_len: int = 2048) -> Iterator[str]:
+                 max_seq_len: int = 2048, ignore_eos: bool = False) -> Iterator[str]:
         """Stream text pieces (valid UTF-8, stop strings excluded) for one prompt or chat."""
-        seq = self.sequence(messages_or_prompt, max_tokens, temperature, top_p, top_k, seed, stop, adapters, cancel)
+        seq = self.sequence(messages_or_prompt, max_tokens, temperature, top_p, top_k, seed, stop, adapters, cancel,
+                            ignore_eos)
         if len(seq.prompt_ids) >= min(max_seq_len, self.config.max_seq_len):
             raise ContextLengthExceeded(
                 f"prompt has {len(seq.prompt_ids)} tokens; the context holds {min(max_seq_len, self.config.max_seq_len)}")
         self.last_sequence = seq
-        with self.lock:
-            yield from generate(self.model, self.tokenizer, seq, max_seq_len, self.mixture_matrix, callback)
+        # The lock is taken per step (not across yields), so a slow consumer never blocks adapter loads.
+        yield from generate(self.model, self.tokenizer, seq, max_seq_len, self.mixture_matrix, callback, self.lock)
 
     # -- reporting -----------------------------------------------------------------------------
     def capabilities(self) -> dict:

@@ -25,6 +25,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -108,6 +109,12 @@ class TextStream:
     def flush(self) -> str:
         return self._take(len(self.text))
 
+    def finish(self) -> str:
+        """The sequence ended: hand out everything, even a dangling partial character (as U+FFFD)."""
+        if not self.stopped and self.ids:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.flush()
+
     def _take(self, upto: int) -> str:
         piece = self.text[self.emitted:upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
@@ -162,8 +169,11 @@ class Batch:
     """
 
     def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_seq_len: int = 2048,
-                 mixture_matrix: Callable[[list[Sequence]], torch.Tensor | None] | None = None):
+                 mixture_matrix: Callable[[list[Sequence]], torch.Tensor | None] | None = None,
+                 lock=None):
         self.model, self.tokenizer = model, tokenizer
+        # Held during each step so adapters cannot be swapped out from under a forward.
+        self.lock = lock or threading.RLock()
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
         self.mixture_matrix = mixture_matrix or (lambda seqs: None)
@@ -193,13 +203,16 @@ class Batch:
         self.waiting.append(seq)
         return seq
 
-    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Admit waiting sequences (prefill), then decode one token for the others."""
+        with self.lock, torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> list[StepOutput]:
         out: list[StepOutput] = []
         for seq in [s for s in self.running + self.waiting if s.cancelled()]:
             seq.finish_reason = "cancelled"
-            out.append(StepOutput(seq, None, seq.stream.flush() if seq.stream else "", True))
+            out.append(StepOutput(seq, None, seq.stream.finish() if seq.stream else "", True))
             self._release(seq)
         decoding = list(self.running)
         while self.waiting and self.free_slots:
@@ -223,9 +236,9 @@ class Batch:
         return out
 
     def _accept(self, seq: Sequence, token: int) -> StepOutput:
-        if token in self.tokenizer.eos_ids:
+        if token in self.tokenizer.eos_ids and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
-            return StepOutput(seq, token, seq.stream.flush(), True)
+            return StepOutput(seq, token, seq.stream.finish(), True)
         seq.output_ids.append(token)
         piece = seq.stream.push(token)
         if seq.stream.stopped:
@@ -234,8 +247,8 @@ class Batch:
             seq.finish_reason = "length"
         elif len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
             seq.finish_reason = "length"  # the next token would not fit in the KV cache
-        if seq.finished and not seq.stream.stopped:
-            piece += seq.stream.flush()
+        if seq.finished:
+            piece += seq.stream.finish()
         return StepOutput(seq, token, piece, seq.finished)
 
     def _release(self, seq: Sequence) -> None:
@@ -248,9 +261,9 @@ class Batch:
 
 
 def generate(model, tokenizer: Tokenizer, seq: Sequence, max_seq_len: int = 2048,
-             mixture_matrix=None, callback: Callable[[str], None] | None = None) -> Iterator[str]:
+             mixture_matrix=None, callback: Callable[[str], None] | None = None, lock=None) -> Iterator[str]:
     """Generate for one sequence, yielding text pieces (and passing each to `callback`)."""
-    batch = Batch(model, tokenizer, max_batch=1, max_seq_len=max_seq_len, mixture_matrix=mixture_matrix)
+    batch = Batch(model, tokenizer, max_batch=1, max_seq_len=max_seq_len, mixture_matrix=mixture_matrix, lock=lock)
     batch.add(seq)
     while len(batch):
         for o in batch.step():

@@ -5,7 +5,7 @@ adapter keys map 1:1. Every projection is a plain attribute holding a linear mod
 pass can walk the tree and swap in quantised kernels (as gpt-fast's quantize.py does).
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,6 @@ class ModelConfig:
     ternary: bool = False  # projections are packed BitLinear layers
     attention_bias: bool = False
     name: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.head_dim == 0:

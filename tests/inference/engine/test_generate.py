@@ -1,0 +1,171 @@
+import threading
+
+import pytest
+import torch
+
+from inference.engine import ContextLengthExceeded, EngineError
+from inference.engine.generate import SamplingParams, Sequence, TextStream
+
+from .test_dora import make_peft_adapter
+
+CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+
+def test_greedy_generation_matches_argmax_of_full_forward(engine):
+    text = "".join(engine.generate(CHAT, max_tokens=8))
+    seq = engine.last_sequence
+    assert text == seq.text and len(seq.output_ids) > 3
+    full = engine.logits(seq.prompt_ids + seq.output_ids)
+    n = len(seq.prompt_ids)
+    assert full[n - 1 : -1].argmax(-1).tolist() == seq.output_ids
+
+
+def test_chat_answer_is_sensible_and_stops_at_end_of_turn(engine):
+    text = "".join(engine.generate([{"role": "user", "content": "What is the capital of France?"}], max_tokens=12))
+    assert "Paris" in text and "<|im_end|>" not in text
+    assert engine.last_sequence.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_engine):
+    kw = dict(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50)
+    a = "".join(tiny_engine.generate("Once upon a time", seed=7, **kw))
+    b = "".join(tiny_engine.generate("Once upon a time", seed=7, **kw))
+    c = "".join(tiny_engine.generate("Once upon a time", seed=8, **kw))
+    assert a == b and a != c
+
+
+def test_top_k_one_and_tiny_top_p_reduce_to_greedy(tiny_engine):
+    list(tiny_engine.generate("The sun is", max_tokens=10))
+    greedy = tiny_engine.last_sequence.output_ids
+    list(tiny_engine.generate("The sun is", max_tokens=10, temperature=1.3, top_k=1, seed=1))
+    assert tiny_engine.last_sequence.output_ids == greedy
+    list(tiny_engine.generate("The sun is", max_tokens=10, temperature=1.3, top_p=1e-6, seed=2))
+    assert tiny_engine.last_sequence.output_ids == greedy
+
+
+def test_max_tokens_limits_the_output(tiny_engine):
+    list(tiny_engine.generate("Count: one, two, three,", max_tokens=5))
+    assert len(tiny_engine.last_sequence.output_ids) == 5 and tiny_engine.last_sequence.finish_reason == "length"
+
+
+def test_stop_string_ends_generation_and_is_never_streamed(engine):
+    full = "".join(engine.generate("Once upon a time", max_tokens=12))
+    stop = full.split()[2]  # a word greedy decoding is known to produce
+    pieces = list(engine.generate("Once upon a time", max_tokens=12, stop=[stop]))
+    text = "".join(pieces)
+    assert text == full[: full.find(stop)]
+    assert engine.last_sequence.finish_reason == "stop"
+
+
+def test_stop_string_split_across_tokens_is_held_back_then_cut(engine):
+    stream = TextStream(engine.tokenizer, stop=("END!",))
+    ids = engine.tokenize("alpha beta EN") + engine.tokenize("D! gamma")
+    pieces = []
+    for t in ids:
+        pieces.append(stream.push(t))
+        if stream.stopped:
+            break
+    assert "".join(pieces) == "alpha beta " and stream.stopped
+    assert all("EN" not in p for p in pieces)
+
+
+def test_streamed_pieces_are_whole_utf8_characters(engine):
+    target = "Zürich 日本語 🤖 ok"
+    stream = TextStream(engine.tokenizer, stop=())
+    pieces = [stream.push(t) for t in engine.tokenize(target)]
+    assert "".join(pieces) + stream.flush() == target
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # the emoji spans several byte-level tokens and was held back
+
+
+def test_cancel_event_stops_generation_between_steps(tiny_engine):
+    cancel = threading.Event()
+    seq = tiny_engine.sequence("Tell me a long story.", max_tokens=100, cancel=cancel)
+    batch = tiny_engine.new_batch(max_batch=1, max_seq_len=128)
+    batch.add(seq)
+    while len(batch):
+        batch.step()
+        if len(seq.output_ids) == 3:
+            cancel.set()  # e.g. the Stop button, seen by the worker before its next step
+    assert seq.finish_reason == "cancelled" and len(seq.output_ids) == 3
+
+
+def test_cancel_callable_is_polled_between_steps(tiny_engine):
+    polls = []
+    list(tiny_engine.generate("hi", max_tokens=50, cancel=lambda: polls.append(1) or len(polls) > 4))
+    assert tiny_engine.last_sequence.finish_reason == "cancelled"
+    assert len(tiny_engine.last_sequence.output_ids) == 4
+
+
+def test_callback_receives_every_streamed_piece(engine):
+    seen = []
+    pieces = list(engine.generate("Hello", max_tokens=4, callback=seen.append))
+    assert seen == pieces and "".join(pieces) == engine.last_sequence.text != ""
+
+
+def test_prompt_longer_than_context_raises_context_length_exceeded(engine):
+    with pytest.raises(ContextLengthExceeded, match="max_seq_len"):
+        engine.logits([1] * (engine.config.max_seq_len + 1))
+    with pytest.raises(ContextLengthExceeded):
+        next(engine.generate("word " * 300, max_seq_len=256))
+    with pytest.raises(EngineError, match="empty"):
+        engine.logits([])
+
+
+def test_invalid_sampling_parameters_raise_engine_error():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0)):
+        with pytest.raises(EngineError):
+            SamplingParams(**bad)
+
+
+def run_alone(engine, seq_args):
+    list(engine.generate(**seq_args))
+    return engine.last_sequence.output_ids
+
+
+def test_continuous_batch_sequences_join_and_leave_and_match_running_alone(tiny_llama_dir, tiny_engine, tmp_path):
+    make_peft_adapter(tiny_llama_dir, tmp_path / "a", seed=1)
+    make_peft_adapter(tiny_llama_dir, tmp_path / "b", seed=2, targets=("o_proj", "gate_proj"))
+    tiny_engine.load_adapter("a", tmp_path / "a")
+    tiny_engine.load_adapter("b", tmp_path / "b")
+    requests = [
+        dict(messages_or_prompt="hello there", max_tokens=6, adapters={"a": 0.6, "b": 0.4}),
+        dict(messages_or_prompt="x", max_tokens=3, adapters={"b": 1.0}),
+        dict(messages_or_prompt="a longer prompt with more tokens", max_tokens=5),
+        dict(messages_or_prompt="sampled", max_tokens=7, temperature=0.8, seed=3, adapters={"a": 1.0}),
+    ]
+    expected = [run_alone(tiny_engine, r) for r in requests]
+
+    batch = tiny_engine.new_batch(max_batch=2, max_seq_len=128)
+    seqs = [tiny_engine.sequence(**r) for r in requests]
+    streamed = {s.id: "" for s in seqs}
+    batch.add(seqs[0])
+    batch.add(seqs[1])
+    for out in batch.step():
+        streamed[out.seq.id] += out.piece
+    batch.add(seqs[2])  # waits for a free slot
+    batch.add(seqs[3])
+    sizes = []
+    while len(batch):
+        sizes.append(len(batch.running))
+        for out in batch.step():
+            streamed[out.seq.id] += out.piece
+    assert max(sizes) == 2 and all(s.finished for s in seqs)
+    assert [s.output_ids for s in seqs] == expected
+    for s in seqs:
+        assert streamed[s.id] == tiny_engine.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+
+
+def test_batch_cancel_frees_the_slot_for_waiting_sequences(tiny_engine):
+    batch = tiny_engine.new_batch(max_batch=1, max_seq_len=64)
+    stop = threading.Event()
+    first = batch.add(tiny_engine.sequence("one", max_tokens=50, cancel=stop))
+    second = batch.add(tiny_engine.sequence("two", max_tokens=2))
+    batch.step()
+    assert batch.running == [first] and batch.waiting == [second]
+    stop.set()
+    outs = batch.step()
+    assert first.finish_reason == "cancelled" and any(o.seq is second for o in outs)
+    while len(batch):
+        batch.step()
+    assert second.finish_reason == "length" and len(second.output_ids) == 2
