@@ -290,8 +290,7 @@ class Scheduler:
                 self.wake.clear()
                 continue
             try:
-                with self.engine.lock:  # adapter (un)loading must not interleave with a forward
-                    outputs = self.batch.step()
+                outputs = self.batch.step()  # under the engine's lock: adapter swaps never race a forward
             except Exception as exc:  # a failed forward ends every sequence in it, with the reason
                 log.exception("decode step failed")
                 self._fail_all("engine_error", f"{type(exc).__name__}: {exc}")
@@ -368,8 +367,7 @@ class Scheduler:
             self._fail(job, code, message)
         # The batch still holds the sequences; a step with every one cancelled frees their slots.
         try:
-            with self.engine.lock:
-                self.batch.step()
+            self.batch.step()
         except Exception:  # the batch is beyond repair: start a fresh one
             log.exception("resetting the batch")
             self.batch = self.engine.new_batch(max_batch=self.max_batch, max_seq_len=settings.R3MES_MAX_SEQ_LEN)
