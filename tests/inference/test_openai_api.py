@@ -132,3 +132,26 @@ def test_an_approved_adapter_preloads_and_serves_forced_expert_requests(live_sta
         extra_body={"r3mes": {"experts": ["coding"]}})
     assert completion.model_extra["r3mes"]["experts"] == {"coding": 1.0}
     assert completion.model_extra["r3mes"]["metrics"]["routing"] == "forced"
+
+
+def test_a_stream_reader_that_leaves_cancels_the_sequence_in_the_worker(live_stack):
+    import time
+
+    headers = {"Authorization": f"Bearer {live_stack.token}"}
+    response = requests.post(live_stack.url + "/v1/chat/completions", stream=True, timeout=120, headers=headers,
+                             json={"messages": [{"role": "user", "content": "Write a long story about a cat."}],
+                                   "max_tokens": 400, "stream": True})
+    lines = response.iter_lines(decode_unicode=True)
+    content_chunks = 0
+    for line in lines:
+        if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+            content_chunks += 1
+            if content_chunks == 2:
+                break
+    response.close()  # the reader leaves mid-answer
+    time.sleep(2.0)
+    before = requests.get(live_stack.url + "/api/inference/stats", headers=headers, timeout=10).json()
+    time.sleep(2.0)
+    after = requests.get(live_stack.url + "/api/inference/stats", headers=headers, timeout=10).json()
+    assert before["running"] == 0 and after["generated_tokens"] == before["generated_tokens"]
+    assert after["cancelled"] >= 1
