@@ -90,3 +90,18 @@ def test_an_answer_left_streaming_by_a_dead_server_is_shown_as_interrupted(alice
     alice_client.get(reverse("playground-conversation", args=[conversation.pk]))
     new.refresh_from_db()
     assert new.status == "error" and "interrupted" in new.error
+
+
+def test_admin_action_downloads_selected_feedback_as_jsonl(admin_client, alice, chat):
+    import json
+
+    _, old, new = chat
+    up = Feedback.record(alice, new, 1)
+    Feedback.record(alice, old, -1)  # no correction: nothing to learn, left out
+    response = admin_client.post(reverse("admin:inference_feedback_changelist"),
+                                 {"action": "export_jsonl", "_selected_action": [f.pk for f in Feedback.objects.all()]})
+    assert response["Content-Type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in response.content.decode().splitlines()]
+    assert [(line["feedback_id"], line["source"], line["expert"]) for line in lines] == [(up.pk, "thumbs_up", "history")]
+    assert lines[0]["messages"] == [{"role": "user", "content": "Longest river?"},
+                                    {"role": "assistant", "content": new.content}]
