@@ -307,7 +307,7 @@ class Scheduler:
                     if out.piece:
                         job.pending += out.piece
                         job.text += out.piece
-                    if out.finished:
+                    if out.finished and job.error is None:  # a failed job already has its frame
                         job.finish_reason = out.seq.finish_reason
                         if job.finish_reason == "cancelled":
                             self.cancelled += 1
@@ -373,8 +373,14 @@ class Scheduler:
             self.batch = self.engine.new_batch(max_batch=self.max_batch, max_seq_len=settings.R3MES_MAX_SEQ_LEN)
 
     def end_all(self, code, message):
-        """Ends every unfinished job with an error frame (drain grace period is over)."""
-        self._fail_all(code, message)
+        """Ends every unfinished job with an error frame (drain grace period is over). Called from
+        the drain thread, so it only flags the jobs; the scheduler's next step frees their slots."""
+        with self.lock:
+            jobs = [j for j in self.jobs.values() if not j.ended]
+        for job in jobs:
+            job.cancel.set()
+            self._fail(job, code, message)
+        self.wake.set()
 
 
 async def pump(layer, worker):
@@ -440,6 +446,9 @@ def drain(grace_s):
                 break
         time.sleep(0.05)
     scheduler.stop()
+    if scheduler.thread is not None:
+        # Exiting while a forward runs in the (daemon) scheduler thread aborts the interpreter.
+        scheduler.thread.join(timeout=30)
 
 
 def warmup():
