@@ -77,9 +77,10 @@ def register_client(subparsers):
     connection(stream)
     generation(stream)
     stream.set_defaults(handler=run_stream)
-    experts = subparsers.add_parser("experts", help="List servable experts on the running server")
-    connection(experts)
-    experts.set_defaults(handler=run_experts)
+    # Branch `router` owns the `experts` group (list, train-starters); at merge, its group calls
+    # register_served_experts(verbs) and this block goes.
+    experts = subparsers.add_parser("experts", help="Experts")
+    register_served_experts(experts.add_subparsers(dest="experts_verb", required=True, metavar="ACTION"), connection)
     stats = subparsers.add_parser("stats", help="Inference worker statistics")
     connection(stats)
     stats.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="Refresh every SECONDS")
@@ -92,6 +93,18 @@ def register_client(subparsers):
     metrics.add_argument("--watch", type=float, default=None, metavar="SECONDS")
     metrics.add_argument("--all", action="store_true", help="Every series, not only r3mes_")
     metrics.set_defaults(handler=run_metrics)
+
+
+def register_served_experts(verbs, connection=None):
+    served = verbs.add_parser("served", help="Servable experts on a running server (over HTTP)")
+    if connection is None:
+        served.add_argument("--url", default=None, help="Server URL (env R3MES_URL)")
+        served.add_argument("--token", default=None, help="API token (env R3MES_TOKEN)")
+        served.add_argument("--json", action="store_true")
+        served.add_argument("--timeout", type=float, default=300)
+    else:
+        connection(served)
+    served.set_defaults(handler=run_experts)
 
 
 def _endpoint(options):

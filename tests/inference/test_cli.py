@@ -38,7 +38,7 @@ def test_stats_health_metrics_and_experts(live_stack):
     assert health["status"] == "ready"
     metrics = json.loads(r3mes(live_stack, "metrics", "--json").stdout)
     assert "r3mes_generated_tokens" in metrics and "r3mes_time_to_first_token_seconds" in metrics
-    experts = json.loads(r3mes(live_stack, "experts", "--json").stdout)
+    experts = json.loads(r3mes(live_stack, "experts", "served", "--json").stdout)
     assert experts["total"] == len(experts["experts"])
 
 
