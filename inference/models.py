@@ -62,3 +62,174 @@ class Adapter(models.Model):
         self.status = self.Status.RETIRED
         self.retired_at = timezone.now()
         self.save(update_fields=["status", "retired_at"])
+
+
+class Conversation(models.Model):
+    """A playground chat owned by one user; its messages form the history sent to the model."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    title = models.CharField(max_length=120, default="New chat")
+    options = models.JSONField(default=dict, blank=True, help_text="Last advanced options used")
+    created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-updated"]
+
+    def __str__(self):
+        return self.title
+
+    @classmethod
+    def for_user(cls, user, pk):
+        """The user's conversation `pk`, or None (someone else's id reads as not found)."""
+        return cls.objects.filter(owner=user, pk=pk).first()
+
+    def visible_messages(self):
+        """The thread as shown: every user message and the current (newest) version of each answer."""
+        return [m for m in self.messages.order_by("created", "pk") if m.role == Message.Role.USER or m.is_current]
+
+    def history(self, upto=None):
+        """[{role, content}] for the model: the visible thread (optionally only up to a message)."""
+        out = []
+        for message in self.visible_messages():
+            if upto is not None and message.pk == upto.pk:
+                out.append(message.as_chat())
+                break
+            if message.role == Message.Role.ASSISTANT and not message.content:
+                continue
+            out.append(message.as_chat())
+        return out
+
+    def expire_stale_answers(self, older_than):
+        """Answers left "streaming" by a web process that died mid-answer become errors."""
+        self.messages.filter(status=Message.Status.STREAMING, created__lt=timezone.now() - older_than).update(
+            status=Message.Status.ERROR, error="interrupted: the server restarted before the answer finished")
+
+    def last_user_message(self):
+        return self.messages.filter(role=Message.Role.USER).order_by("-created", "-pk").first()
+
+    def touch(self):
+        self.updated = timezone.now()
+        self.save(update_fields=["updated"])
+
+    def rename(self, title):
+        self.title = title.strip()[:120] or "New chat"
+        self.save(update_fields=["title"])
+
+
+class Message(models.Model):
+    """A user prompt or a model answer. Regenerating adds a new answer to the same prompt (the old
+    versions stay, `is_current` marks the one shown); answers carry the generation metadata."""
+
+    class Role(models.TextChoices):
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Status(models.TextChoices):
+        STREAMING = "streaming"
+        DONE = "done"
+        STOPPED = "stopped"
+        ERROR = "error"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=10, choices=Role.choices)
+    content = models.TextField(blank=True)
+    reply_to = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="answers")
+    version = models.PositiveIntegerField(default=1)
+    is_current = models.BooleanField(default=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.DONE)
+    error = models.CharField(max_length=500, blank=True)
+    options = models.JSONField(default=dict, blank=True)
+    experts = models.JSONField(default=dict, blank=True, help_text="{expert: weight} used for this answer")
+    sources = models.JSONField(default=list, blank=True)
+    metrics = models.JSONField(default=dict, blank=True, help_text="tokens, ttft_ms, tokens_per_s, backend, ...")
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created", "pk"]
+
+    def __str__(self):
+        return f"{self.role}: {self.content[:40]}"
+
+    def as_chat(self):
+        return {"role": self.role, "content": self.content}
+
+    def versions(self):
+        if self.reply_to_id is None:
+            return [self]
+        return list(Message.objects.filter(reply_to_id=self.reply_to_id).order_by("version"))
+
+    def finish(self, status, content, *, experts=None, sources=None, metrics=None, error=""):
+        self.status = status
+        self.content = content
+        self.experts = experts or {}
+        self.sources = sources or []
+        self.metrics = metrics or {}
+        self.error = error[:500]
+        self.save(update_fields=["status", "content", "experts", "sources", "metrics", "error"])
+
+
+class Feedback(models.Model):
+    """A user's verdict on one answer: thumbs up/down and optionally the corrected answer."""
+
+    class Rating(models.IntegerChoices):
+        UP = 1
+        DOWN = -1
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="feedback")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="feedback")
+    rating = models.SmallIntegerField(choices=Rating.choices)
+    correction = models.TextField(blank=True)
+    expert = models.SlugField(max_length=40, blank=True, help_text="Expert the answer came from (its top weight)")
+    created = models.DateTimeField(default=timezone.now)
+    exported_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [models.UniqueConstraint(fields=["message", "user"], name="one_feedback_per_user_message")]
+
+    def __str__(self):
+        return f"{self.get_rating_display()} on message {self.message_id}"
+
+    @classmethod
+    def record(cls, user, message, rating, correction=""):
+        """Stores (or replaces) the user's verdict on an answer; the expert is the answer's top one."""
+        expert = max(message.experts, key=message.experts.get) if message.experts else "general"
+        feedback, _ = cls.objects.update_or_create(
+            message=message, user=user,
+            defaults={"rating": rating, "correction": correction, "expert": expert, "created": timezone.now(),
+                      "exported_at": None})
+        return feedback
+
+    def training_example(self):
+        """The JSONL record for expert training, or None when this feedback teaches nothing
+        (a thumbs-down without a correction)."""
+        answer = self.correction.strip() or (self.message.content if self.rating == self.Rating.UP else "")
+        if not answer:
+            return None
+        prompt = self.message.conversation.history(upto=self.message.reply_to) if self.message.reply_to_id else []
+        return {
+            "messages": prompt + [{"role": "assistant", "content": answer}],
+            "source": "correction" if self.correction.strip() else "thumbs_up",
+            "expert": self.expert,
+            "feedback_id": self.pk,
+        }
+
+    @classmethod
+    def export_jsonl(cls, out, expert=None, queryset=None):
+        """Writes corrections and thumbs-up answers (optionally only one expert's) as JSONL lines;
+        returns how many were written and marks them exported."""
+        import json
+
+        rows = (queryset if queryset is not None else cls.objects).select_related("message__conversation")
+        rows = rows.order_by("created", "pk")
+        if expert:
+            rows = rows.filter(expert=expert)
+        written = []
+        for feedback in rows:
+            example = feedback.training_example()
+            if example is not None:
+                out.write(json.dumps(example, ensure_ascii=False) + "\n")
+                written.append(feedback.pk)
+        cls.objects.filter(pk__in=written).update(exported_at=timezone.now())
+        return len(written)

@@ -1,3 +1,7 @@
 """Websocket routes of the inference app (the playground's chat socket)."""
 
-websocket_urlpatterns = []
+from django.urls import path
+
+from .consumers import ChatConsumer
+
+websocket_urlpatterns = [path("ws/chat/", ChatConsumer.as_asgi())]

@@ -382,6 +382,7 @@ CELERY_BEAT_SCHEDULE["governance-close-due"] = {
     "task": "governance.tasks.close_due_proposals",
     "schedule": float(R3MES_GOV_CLOSE_INTERVAL),
 }
+
 # --- Ledger, chain sync and model versions ---
 
 # Peers pull blocks and blobs from these unauthenticated endpoints, so they get their own limit
@@ -398,6 +399,7 @@ R3MES_CHAIN_SYNC_LOCK_S = env_int("R3MES_CHAIN_SYNC_LOCK_S", 900, minimum=10)
 R3MES_MODEL_DISK_MARGIN_BYTES = env_int("R3MES_MODEL_DISK_MARGIN_BYTES", 512 * 1024 * 1024, minimum=0)
 R3MES_MODEL_FETCH_TIMEOUT = env_float("R3MES_MODEL_FETCH_TIMEOUT", 60.0, minimum=0.1)
 CELERY_BEAT_SCHEDULE["mining-chain-sync"] = {"task": "mining.sync_chain", "schedule": R3MES_CHAIN_SYNC_INTERVAL}
+
 # --- RAG ---------------------------------------------------------------------------------------
 
 # Chunk size counts tokens of the embedding tokenizer including [CLS]/[SEP]: what the model sees.
@@ -418,3 +420,20 @@ R3MES_RAG_MAX_ATTEMPTS = env_int("R3MES_RAG_MAX_ATTEMPTS", 3, minimum=1)
 
 CELERY_BEAT_SCHEDULE["rag-purge-expired"] = {"task": "rag.tasks.purge_expired_documents", "schedule": 3600.0}
 CELERY_BEAT_SCHEDULE["rag-recover-stale"] = {"task": "rag.tasks.recover_stale_documents", "schedule": 300.0}
+
+# --- Playground / inference worker ---------------------------------------------------------------
+
+R3MES_MAX_BATCH = env_int("R3MES_MAX_BATCH", 8, minimum=1)  # sequences decoded together per step
+R3MES_MAX_QUEUE = env_int("R3MES_MAX_QUEUE", 32, minimum=0)  # waiting beyond the batch; then "busy, retry"
+R3MES_MAX_SEQ_LEN = env_int("R3MES_MAX_SEQ_LEN", 2048, minimum=64)  # KV cache length per sequence
+R3MES_MAX_NEW_TOKENS = env_int("R3MES_MAX_NEW_TOKENS", 1024, minimum=1)
+R3MES_DEFAULT_MAX_TOKENS = env_int("R3MES_DEFAULT_MAX_TOKENS", 256, minimum=1)
+R3MES_MAX_PROMPT_CHARS = env_int("R3MES_MAX_PROMPT_CHARS", 16000, minimum=1)  # one message
+R3MES_MAX_MESSAGES = env_int("R3MES_MAX_MESSAGES", 100, minimum=1)
+R3MES_TOKEN_FLUSH_MS = env_int("R3MES_TOKEN_FLUSH_MS", 40, minimum=5)  # token pieces batched this long
+R3MES_HEARTBEAT_S = env_float("R3MES_HEARTBEAT_S", 1.0, minimum=0.1)  # worker says "still on it" this often
+# The client gives up (error frame, cancel) when no worker accepts a request within ACCEPT, or no
+# frame (tokens or heartbeat) arrives within IDLE.
+R3MES_WORKER_ACCEPT_TIMEOUT = env_float("R3MES_WORKER_ACCEPT_TIMEOUT", 5.0, minimum=0.1)
+R3MES_STREAM_IDLE_TIMEOUT = env_float("R3MES_STREAM_IDLE_TIMEOUT", 10.0, minimum=0.5)
+R3MES_DRAIN_GRACE_S = env_float("R3MES_DRAIN_GRACE_S", 20.0, minimum=0)  # SIGTERM: running answers get this long

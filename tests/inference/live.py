@@ -1,0 +1,95 @@
+"""A live R3MES stack for tests: the real inference worker process (`manage.py r3mes worker`) and,
+when asked, Daphne serving the real ASGI app with a file SQLite database in a temp data dir. Both
+use the session's real redis-server (tests/services.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def stack_env(data_dir, redis_url, **extra):
+    env = dict(os.environ)
+    env.update({
+        "R3MES_DATA_DIR": str(data_dir), "REDIS_URL": redis_url, "DJANGO_SETTINGS_MODULE": "r3mes_site.settings",
+        "R3MES_TORCH_THREADS": "1", "R3MES_MAX_SEQ_LEN": "512", "R3MES_MAX_BATCH": "8",
+        "R3MES_STREAM_IDLE_TIMEOUT": "4", "R3MES_WORKER_ACCEPT_TIMEOUT": "3", "LOG_LEVEL": "INFO",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, env, log_path):
+        self.env, self.log_path, self.proc = env, log_path, None
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([PYTHON, "manage.py", "r3mes", "worker"], cwd=REPO, env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, ping, timeout=240):
+        """`ping()` -> health reply dict or None; waits for a loaded model."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}: {Path(self.log_path).read_text()[-3000:]}")
+            reply = ping()
+            if reply and reply.get("model_loaded") and reply.get("pid", self.proc.pid) == self.proc.pid:
+                return reply
+            if reply and reply.get("load_error"):
+                raise RuntimeError(reply["load_error"])
+            time.sleep(0.5)
+        raise RuntimeError("worker did not load the model in time: " + Path(self.log_path).read_text()[-3000:])
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout=30):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_daphne(env, port, log_path):
+    subprocess.run([PYTHON, "manage.py", "migrate", "-v", "0"], cwd=REPO, env=env, check=True)
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(PYTHON), "daphne"), "-b", "127.0.0.1", "-p", str(port),
+                             "r3mes_site.asgi:application"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except requests.RequestException:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("daphne did not start: " + Path(log_path).read_text()[-3000:])
+
+
+def http_ping(base_url):
+    def ping():
+        try:
+            reply = requests.get(f"{base_url}/readyz", timeout=5).json()
+        except (requests.RequestException, ValueError):
+            return None
+        worker = reply.get("worker") or {}
+        return worker
+    return ping
