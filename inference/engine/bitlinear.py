@@ -3,8 +3,10 @@
 Storage mirrors the Hugging Face `microsoft/bitnet-b1.58-2B-4T` checkpoint (transformers'
 `integrations/bitnet.py`): `weight` is uint8 `[out/4, in]`; stored value = ternary + 1 in {0, 1, 2};
 the output rows are split in four contiguous blocks of `out/4` rows and block `i` sits in bits
-`2i..2i+1` of each byte. `weight_scale` is one number per projection with the `autobitlinear`
-meaning: `W0 = ternary * weight_scale` (the absmean of the dense weight).
+`2i..2i+1` of each byte. `weight_scale` is one number per projection. transformers has two
+conventions and we keep whichever the checkpoint uses, with its arithmetic order, so logits match:
+`autobitlinear` (the 2B-4T checkpoint): `W0 = ternary * weight_scale` (the absmean), and
+`bitlinear`: `W0 = ternary / weight_scale` with an integer-activation matmul.
 """
 
 import torch
@@ -52,6 +54,13 @@ def ternarize_ste(weight: torch.Tensor) -> torch.Tensor:
     return weight + (wq - weight).detach()
 
 
+def quantize_activations_int(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 levels (as floats, STE gradient) and their scale 127/absmax."""
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    xs = x * scale
+    return xs + ((xs.round().clamp(-128, 127)) - xs).detach(), scale
+
+
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """Per-token absmax int8 fake-quantisation with a straight-through estimator.
 
@@ -67,8 +76,10 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 class BitLinear(nn.Module):
     """Frozen ternary linear layer (weights are buffers: nothing here is trainable)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None,
+                 divide_scale: bool = False):
         super().__init__()
+        self.divide_scale = divide_scale  # transformers' "bitlinear" checkpoint convention
         if out_features % VALUES_PER_BYTE:
             raise ValueError(f"BitLinear needs out_features divisible by 4, got {out_features}")
         self.in_features = in_features
@@ -97,11 +108,17 @@ class BitLinear(nn.Module):
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantised W0 [out, in] = ternary * weight_scale."""
         dtype = dtype or self.weight_scale.dtype
+        if self.divide_scale:
+            return unpack_ternary(self.weight, dtype) / self.weight_scale.to(dtype)
         return unpack_ternary(self.weight, dtype) * self.weight_scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = unpack_ternary(self.weight, x.dtype)  # [out, in] in {-1, 0, 1}
-        y = F.linear(quantize_activations(x), w) * self.weight_scale.to(x.dtype)
+        if self.divide_scale:
+            xq, x_scale = quantize_activations_int(x)  # integer levels: the matmul is exact
+            y = F.linear(xq, w) / (self.weight_scale.to(x.dtype) * x_scale)
+        else:
+            y = F.linear(quantize_activations(x), w) * self.weight_scale.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y

@@ -230,6 +230,11 @@ def read_peft_adapter(path: str | Path) -> AdapterSpec:
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise AdapterError(f"{cfg_file}: {key} is not supported (per-module ranks/alphas)")
+    for key in ("modules_to_save", "layer_replication", "trainable_token_indices"):
+        if cfg.get(key):
+            raise AdapterError(f"{cfg_file}: {key} is not supported (only LoRA/DoRA weight deltas)")
+    if cfg.get("lora_bias"):
+        raise AdapterError(f"{cfg_file}: lora_bias adapters are not supported")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{cfg_file}: bias={cfg['bias']!r} adapters are not supported")
     try:

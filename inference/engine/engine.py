@@ -46,6 +46,8 @@ class Engine:
         self.load_seconds = load_seconds
         self.adapter_paths: dict[str, str] = {}
         self.model.adapter_meta = {}
+        # The backbone is frozen; only DoRA parameters may ever be trained (train.py checks).
+        self.model.requires_grad_(False)
         dora.attach_context(model)
         # Adapter (un)loading rewrites the DoRA stacks that a running forward reads.
         self.lock = threading.RLock()

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelLoadError, UnsupportedArchitecture, UnsupportedTensorType
+from .bitlinear import BitLinear
 from .model import ModelConfig, RotaryEmbedding, Transformer, ternarize_model
 from .tokenizer import Tokenizer
 
@@ -249,7 +250,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, d
     if unexpected:
         raise ModelLoadError(f"{source}: unexpected tensor {unexpected[0]!r} for a {cfg.arch} model")
     # transformers' "bitlinear" class divides by weight_scale; "autobitlinear" (2B-4T) multiplies.
-    invert_scale = bool(quant) and quant.get("linear_class", "bitlinear") == "bitlinear"
+    divide_scale = bool(quant) and quant.get("linear_class", "bitlinear") == "bitlinear"
     ready = {}
     for key, ref in expected.items():
         t = state[key]
@@ -260,11 +261,13 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, d
             continue
         if key.endswith("weight_scale"):
             t = t.float().reshape(1)
-            t = 1.0 / t if invert_scale else t
         if not torch.isfinite(t.float()).all():
             raise ModelLoadError(f"{source}: tensor {key!r} contains NaN or Inf")
         ready[key] = t.to(device=device, dtype=dtype)
     model.load_state_dict(ready, strict=True, assign=True)
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.divide_scale = divide_scale
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
