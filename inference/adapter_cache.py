@@ -248,9 +248,7 @@ class AdapterCache:
             self.engine.unload_adapter(name)
             entry.on_device, entry.device_bytes = False, 0
             self.device_lru.pop(name)
-            self.evictions["device"] += 1
-            if entry.spec is not None:  # demoted to RAM (it stays there while RAM has room)
-                self.ram_lru.move_to_end(name)
+            self.evictions["device"] += 1  # its spec, if still in RAM, makes the next use a RAM hit
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _corrupt(self, name: str, reason: str):
