@@ -128,7 +128,8 @@ class Pipeline:
 
         # Stage 1: retrieval
         results = []
-        if options.rag and retrieval is not None:
+        # Anonymous callers own no collections, so there is nothing to retrieve for them.
+        if options.rag and retrieval is not None and user is not None:
             t = time.perf_counter()
             try:
                 results = retrieval.retrieve(query, user, collections=options.collections, top_k=options.rag_top_k)
