@@ -354,7 +354,7 @@ R3MES_ADAPTER_RAM_BUDGET_MB = env_int("R3MES_ADAPTER_RAM_BUDGET_MB", 1024, minim
 R3MES_ADAPTER_PREFETCH = env_bool("R3MES_ADAPTER_PREFETCH", True)
 
 # Starter experts trained in the background on a fresh install (inference.tasks.train_starter_experts).
-R3MES_STARTER_STEPS = env_int("R3MES_STARTER_STEPS", 40, minimum=1)
+R3MES_STARTER_STEPS = env_int("R3MES_STARTER_STEPS", 30, minimum=1)
 R3MES_STARTER_AUTO_TRAIN = env_bool("R3MES_STARTER_AUTO_TRAIN", True)
 # Experts scoring below this share of the best one are not mixed in (they would only dilute it).
 R3MES_ROUTER_MIN_RELATIVE_SCORE = env_float("R3MES_ROUTER_MIN_RELATIVE_SCORE", 0.75, minimum=0.0, maximum=1.0)
