@@ -437,3 +437,36 @@ R3MES_HEARTBEAT_S = env_float("R3MES_HEARTBEAT_S", 1.0, minimum=0.1)  # worker s
 R3MES_WORKER_ACCEPT_TIMEOUT = env_float("R3MES_WORKER_ACCEPT_TIMEOUT", 5.0, minimum=0.1)
 R3MES_STREAM_IDLE_TIMEOUT = env_float("R3MES_STREAM_IDLE_TIMEOUT", 10.0, minimum=0.5)
 R3MES_DRAIN_GRACE_S = env_float("R3MES_DRAIN_GRACE_S", 20.0, minimum=0)  # SIGTERM: running answers get this long
+
+# --- Router ------------------------------------------------------------------------------------
+
+# Hybrid router (seed Karar 1): keyword fast path, else weighted fusion with the semantic stage.
+R3MES_ROUTER_FAST_PATH_THRESHOLD = env_float("R3MES_ROUTER_FAST_PATH_THRESHOLD", 0.85, minimum=0.0)
+R3MES_ROUTER_KEYWORD_WEIGHT = env_float("R3MES_ROUTER_KEYWORD_WEIGHT", 0.3, minimum=0.0)
+R3MES_ROUTER_SEMANTIC_WEIGHT = env_float("R3MES_ROUTER_SEMANTIC_WEIGHT", 0.7, minimum=0.0)
+# `general` replaces the mixture when the best fused score is below this.
+R3MES_ROUTER_FALLBACK_THRESHOLD = env_float("R3MES_ROUTER_FALLBACK_THRESHOLD", 0.5, minimum=0.0)
+# Memory gating: free accelerator memory (GB) below the first bound → top-1, below the second → top-2,
+# else top-3. On CPU the RAM budget below stands in for free accelerator memory.
+R3MES_ROUTER_GATING_BOUNDS_GB = (
+    env_float("R3MES_ROUTER_TOP1_BELOW_GB", 8.0, minimum=0.0),
+    env_float("R3MES_ROUTER_TOP2_BELOW_GB", 16.0, minimum=0.0),
+)
+R3MES_ROUTER_CPU_BUDGET_GB = env_float("R3MES_ROUTER_CPU_BUDGET_GB", 8.0, minimum=0.0)
+R3MES_ROUTER_EMBEDDINGS_DIR = Path(env_str("R3MES_ROUTER_EMBEDDINGS_DIR", str(DATA_DIR / "router"))).resolve()
+
+# Tiered adapter cache (seed Karar 2): byte budgets per tier; prefetch of the router's next guesses.
+R3MES_ADAPTER_DEVICE_BUDGET_MB = env_int("R3MES_ADAPTER_DEVICE_BUDGET_MB", 512, minimum=1)
+R3MES_ADAPTER_RAM_BUDGET_MB = env_int("R3MES_ADAPTER_RAM_BUDGET_MB", 1024, minimum=1)
+R3MES_ADAPTER_PREFETCH = env_bool("R3MES_ADAPTER_PREFETCH", True)
+
+# Starter experts trained in the background on a fresh install (inference.tasks.train_starter_experts).
+R3MES_STARTER_STEPS = env_int("R3MES_STARTER_STEPS", 30, minimum=1)
+R3MES_STARTER_AUTO_TRAIN = env_bool("R3MES_STARTER_AUTO_TRAIN", True)
+# Experts scoring below this share of the best one are not mixed in (they would only dilute it).
+R3MES_ROUTER_MIN_RELATIVE_SCORE = env_float("R3MES_ROUTER_MIN_RELATIVE_SCORE", 0.75, minimum=0.0, maximum=1.0)
+# Semantic cosines are rescaled to [0, 1] between these before fusion (see inference/router/hybrid.py).
+R3MES_ROUTER_SEMANTIC_FLOOR = env_float("R3MES_ROUTER_SEMANTIC_FLOOR", 0.0)
+R3MES_ROUTER_SEMANTIC_CEIL = env_float("R3MES_ROUTER_SEMANTIC_CEIL", 0.5)
+if R3MES_ROUTER_SEMANTIC_CEIL <= R3MES_ROUTER_SEMANTIC_FLOOR:
+    fail("R3MES_ROUTER_SEMANTIC_CEIL", f"must be above R3MES_ROUTER_SEMANTIC_FLOOR ({R3MES_ROUTER_SEMANTIC_FLOOR})")
