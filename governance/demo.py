@@ -37,10 +37,10 @@ def seed(out):
             user.set_password(password)
             user.save()
     out.write(f"Demo accounts: admin (staff), alice, bob — password: {password}")
-    _seed_proposal(out)
 
 
-def _seed_proposal(out):
+def seed_last(out):
+    """Runs after every app's demo, so the proposal finds the adapters and datasets they made."""
     from .actions import do_create_proposal, do_vote
     from .targets import TARGETS
 

@@ -123,7 +123,7 @@ async def chat_completions(request):
     messages, options, stream, include_usage = check_chat_request(body, known)
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
-    frames = protocol.generate(messages, options)
+    frames = protocol.generate(messages, options, user_id=request.user.pk)
     # The first frame (accepted, or an error) arrives before any byte is sent, so a busy or
     # absent worker becomes an HTTP error, not a broken stream.
     first = await anext(frames)
@@ -217,8 +217,8 @@ async def experts(request):
         resident = set(reply.get("adapters", []))
     except TimeoutError:
         resident = set()
-    for row in table:
-        row["resident"] = row["expert"] in resident
+    for row in table:  # resident under the adapter cache's per-version name
+        row["resident"] = f"{row['expert']}-v{row['version']}" in resident
     return JsonResponse({"experts": table, "total": len(table)})
 
 

@@ -142,7 +142,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def stream(self, answer_id, history, options):
         text, done, started = "", None, time.monotonic()
         try:
-            async for frame in protocol.generate(history, options):
+            async for frame in protocol.generate(history, options, user_id=self.user.pk):
                 if frame["type"] == "generate.tokens":
                     text += frame["text"]
                     await self.send_json({"type": "tokens", "message": answer_id, "html": escape_piece(frame["text"]),

@@ -62,6 +62,24 @@ class Options:
 
 
 @dataclass
+class Plan:
+    """What `Pipeline.prepare` decided for one request; `finish` turns it into a result."""
+
+    options: Options
+    prompt: list  # chat messages with the system prompt and numbered sources
+    mixture: list  # [(expert id, weight)]
+    adapters: dict  # engine adapter name -> weight, for engine.sequence
+    served: dict  # engine adapter name -> cache tier it came from (pinned until released)
+    results: list  # retrieved chunks
+    routing: hybrid.RoutingResult | None
+    skipped: dict
+    timings: dict
+    started: float
+    overhead_s: float = 0.0
+    released: bool = False
+
+
+@dataclass
 class PipelineResult:
     text: str
     experts: list  # [(expert id, weight)] actually used
@@ -118,6 +136,38 @@ class Pipeline:
         raise RuntimeError("pipeline stream ended without a result")  # unreachable: stream always ends with one
 
     def stream(self, messages, options: Options | None = None, user=None, cancel=None):
+        """Stages 1–4 for one request in this thread: yields text pieces, then the PipelineResult.
+        The inference worker runs `prepare` and `finish` around its own continuous batch instead."""
+        plan = self.prepare(messages, options, user)
+        pieces, ttft, gen_seconds, seq = [], None, 0.0, None
+        try:
+            seq = self.engine.sequence(plan.prompt, plan.options.max_tokens, plan.options.temperature,
+                                       plan.options.top_p, plan.options.top_k, plan.options.seed,
+                                       plan.options.stop, plan.adapters or None, cancel)
+            from inference.engine.generate import generate
+
+            gen_started = time.perf_counter()
+            with self.engine.lock:
+                for piece in generate(self.engine.model, self.engine.tokenizer, seq,
+                                      self.engine.config.max_seq_len, self.engine.mixture_matrix):
+                    if ttft is None:
+                        ttft = time.perf_counter() - plan.started
+                    pieces.append(piece)
+                    yield piece
+            gen_seconds = time.perf_counter() - gen_started
+        except BaseException:
+            self.release(plan)
+            raise
+        result = self.finish(plan, "".join(pieces), len(seq.output_ids), ttft, gen_seconds, seq.finish_reason)
+        metrics.request_latency.observe(result.metrics["total_ms"] / 1000)
+        if ttft is not None:
+            metrics.time_to_first_token.observe(ttft)
+        metrics.generated_tokens.inc(result.metrics["tokens"])
+        yield result
+
+    def prepare(self, messages, options: Options | None = None, user=None) -> "Plan":
+        """Stages 1–3: validation, retrieval, routing (skipped for forced experts) and adapter loading
+        through the tiered cache. The plan holds the cache pins: pass it to `finish` (or `release`)."""
         options = options or Options()
         started = time.perf_counter()
         options.validate()
@@ -172,46 +222,36 @@ class Pipeline:
         timings["adapter_loading_ms"] = (time.perf_counter() - t) * 1000
         if routing is not None:
             self._prefetch(routing, servable, mixture)
-
-        # Stage 4: generation
         adapters = {adapter_cache.engine_name(servable[e]): w for e, w in mixture}
-        pieces, ttft = [], None
-        try:
-            seq = self.engine.sequence(prompt, options.max_tokens, options.temperature, options.top_p, options.top_k,
-                                       options.seed, options.stop, adapters or None, cancel)
-            from inference.engine.generate import generate
+        return Plan(options, prompt, mixture, adapters, served, results, routing, skipped, timings, started,
+                    overhead_s=time.perf_counter() - started)
 
-            overhead = time.perf_counter() - started
-            gen_started = time.perf_counter()
-            with self.engine.lock:
-                for piece in generate(self.engine.model, self.engine.tokenizer, seq,
-                                      self.engine.config.max_seq_len, self.engine.mixture_matrix):
-                    if ttft is None:
-                        ttft = time.perf_counter() - started
-                    pieces.append(piece)
-                    yield piece
-            gen_seconds = time.perf_counter() - gen_started
-        finally:
-            self.cache.release(served)
+    def release(self, plan):
+        """Unpins the plan's adapters (idempotent): a cancelled or failed request calls only this."""
+        if not plan.released:
+            plan.released = True
+            self.cache.release(plan.served)
 
-        text = "".join(pieces)
-        total = time.perf_counter() - started
-        tokens = len(seq.output_ids)
-        hits = sum(1 for tier in served.values() if tier != "disk")
+    def finish(self, plan, text, tokens, ttft, gen_seconds, finish_reason) -> PipelineResult:
+        """Releases the adapters, keeps the stats and lists the sources the answer cites."""
+        self.release(plan)
+        total = time.perf_counter() - plan.started
+        hits = sum(1 for tier in plan.served.values() if tier != "disk")
+        routing = plan.routing
         result_metrics = {
-            "total_ms": total * 1000, **timings, "overhead_ms": overhead * 1000,
+            "total_ms": total * 1000, **plan.timings, "overhead_ms": plan.overhead_s * 1000,
             "time_to_first_token_ms": ttft * 1000 if ttft is not None else None,
             "generation_ms": gen_seconds * 1000, "tokens": tokens,
             "tokens_per_s": tokens / gen_seconds if gen_seconds > 0 else None,
             "fast_path": routing.fast_path if routing else False,
             "keyword_confidence": routing.keyword_confidence if routing else None,
-            "routed": routing is not None, "cache_hits": hits, "cache_misses": len(served) - hits,
-            "cache_tiers": served, "retrieved": len(results),
+            "routed": routing is not None, "cache_hits": hits, "cache_misses": len(plan.served) - hits,
+            "cache_tiers": plan.served, "retrieved": len(plan.results),
             "backend": self.engine.capabilities()["backend"],
         }
-        self._record(result_metrics, mixture, ttft, total, tokens)
-        sources = retrieval.cited_sources(text, results) if results else []
-        yield PipelineResult(text, mixture, sources, result_metrics, routing, skipped, seq.finish_reason)
+        self._record(result_metrics, plan.mixture, tokens)
+        sources = retrieval.cited_sources(text, plan.results) if plan.results else []
+        return PipelineResult(text, plan.mixture, sources, result_metrics, routing, plan.skipped, finish_reason)
 
     def stats(self) -> dict:
         with self.lock:
@@ -252,11 +292,7 @@ class Pipeline:
         nxt = [servable[e] for e, _ in ranked if e in servable and e not in chosen][:2]
         self.cache.prefetch(nxt)
 
-    def _record(self, m, mixture, ttft, total, tokens):
-        metrics.request_latency.observe(total)
-        if ttft is not None:
-            metrics.time_to_first_token.observe(ttft)
-        metrics.generated_tokens.inc(tokens)
+    def _record(self, m, mixture, tokens):
         with self.lock:
             self.totals.update(requests=1, routed=int(m["routed"]), fast_path=int(m["fast_path"]),
                                cache_hits=m["cache_hits"], cache_misses=m["cache_misses"], tokens=tokens)

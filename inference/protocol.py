@@ -6,7 +6,7 @@ that holds the sequence. Every reply goes to the `reply_channel` the request nam
 
 A generation, as the worker answers it:
 
-    -> {"type": "generate.request", "request_id", "reply_channel", "messages", "options", "sent_at"}
+    -> {"type": "generate.request", "request_id", "reply_channel", "messages", "options", "user_id", "sent_at"}
     <- {"type": "generate.accepted", "request_id", "worker", "queued": n}
     <- {"type": "generate.tokens", "request_id", "worker", "text": piece, "tokens": n}   (every ~40 ms)
     <- {"type": "generate.heartbeat", "request_id", "worker", "state"}                 (when idle ~1 s)
@@ -186,7 +186,7 @@ async def ping_worker(timeout):
     return await ask_worker("health.ping", timeout)
 
 
-async def generate(messages, options, *, request_id=None, accept_timeout=None, idle_timeout=None):
+async def generate(messages, options, *, user_id=None, request_id=None, accept_timeout=None, idle_timeout=None):
     """Runs one generation on some worker; yields the worker's frames (accepted, tokens, done).
 
     Raises GenerationError on a worker error or when no frame comes in time (the caller turns it
@@ -206,7 +206,7 @@ async def generate(messages, options, *, request_id=None, accept_timeout=None, i
         for attempt in range(3):  # a draining worker may take the request; send it again for another
             await layer.send(INFERENCE_CHANNEL, {
                 "type": "generate.request", "request_id": request_id, "reply_channel": reply_channel,
-                "messages": messages, "options": options, "sent_at": time.time(),
+                "messages": messages, "options": options, "user_id": user_id, "sent_at": time.time(),
                 "accept_timeout": accept_timeout,
             })
             frame = await _receive(layer, reply_channel, accept_timeout,

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class WorkerState:
     def __init__(self):
         self.engine = None
+        self.pipeline = None
         self.scheduler = None
         self.load_error = None
         self.loading = False
@@ -56,6 +57,8 @@ class WorkerState:
         out = self.health()
         if self.scheduler is not None:
             out.update(self.scheduler.stats())
+        if self.pipeline is not None:
+            out["pipeline"] = self.pipeline.stats()
         if self.engine is not None:
             caps = self.engine.capabilities()
             out.update({"adapters": caps["adapters"], "dtype": caps["dtype"], "memory": caps["memory"],
@@ -85,12 +88,16 @@ def load_engine():
             device=device,
             cache_dir=settings.MODEL_CACHE_DIR,
         )
-        scheduler = Scheduler(engine)
+        from inference.pipeline import Pipeline
+
+        pipeline = Pipeline(engine)
+        scheduler = Scheduler(engine, pipeline)
     except Exception as exc:  # the worker stays up and reports the reason through health pings
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model failed to load")
     else:
         state.engine = engine
+        state.pipeline = pipeline
         state.scheduler = scheduler
         scheduler.start()
         state.load_error = None
@@ -121,11 +128,14 @@ class Job:
     reply_channel: str
     messages: list
     options: dict
+    user_id: int | None = None
     received: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     seq: object = None  # the engine's Sequence once admitted
+    plan: object = None  # the pipeline's Plan (retrieval, routing, pinned adapters) once admitted
     experts: dict = field(default_factory=dict)
     sources: list = field(default_factory=list)
+    pipeline_metrics: dict = field(default_factory=dict)
     pending: str = ""  # text generated but not yet sent
     text: str = ""
     tokens: int = 0
@@ -141,31 +151,53 @@ class Job:
         return self.finish_reason is not None or self.error is not None
 
 
-def plan(engine, job):
-    """Turns a request into (chat messages, expert mixture, sources): RAG, routing and adapter
-    loading. The pipeline (inference.pipeline, branch `router`) takes this over; until it lands,
-    forced experts are loaded from their approved adapters and no retrieval happens.
-    """
-    messages = list(job.messages)
-    system = job.options.get("system")
-    if system:
-        messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
-    experts = dict(job.options.get("experts") or {})
-    missing = sorted(set(experts) - set(engine.adapters))
-    if missing:
-        preload(missing)
-        missing = sorted(set(experts) - set(engine.adapters))
-    if missing:
-        raise Rejected("unknown_expert", f"experts not loaded on this worker: {', '.join(missing)}")
-    return messages, experts, []
+def pipeline_options(options):
+    """The worker protocol's option names (inference/protocol.py) as pipeline Options."""
+    from inference.pipeline import Options
+
+    collections = options.get("collections") or None
+    stop = options.get("stop") or ()
+    return Options(
+        max_tokens=options.get("max_tokens", settings.R3MES_DEFAULT_MAX_TOKENS),
+        temperature=float(options.get("temperature", 0.0)),
+        top_p=float(options.get("top_p", 1.0)),
+        top_k=int(options.get("top_k", 0)),
+        seed=options.get("seed"),
+        system_prompt=options.get("system") or None,
+        # Retrieval only when asked for (or collections named): sources a 135M model did not need
+        # only crowd its context.
+        rag=bool(options.get("rag", collections is not None)),
+        collections=collections,
+        experts=options.get("experts") or None,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+    )
+
+
+def plan(pipeline, job):
+    """Stages 1–3 of the pipeline for a job (retrieval, routing, adapters); generation then runs in
+    the scheduler's shared batch. Raises Rejected with the pipeline's reason for bad requests."""
+    from django.contrib.auth import get_user_model
+    from django.db import close_old_connections
+
+    from inference.pipeline import PipelineError
+
+    User = get_user_model()
+    close_old_connections()  # the scheduler thread is long-lived
+    user = User.objects.filter(pk=job.user_id, is_active=True).first() if job.user_id else None
+    try:
+        return pipeline.prepare(list(job.messages), pipeline_options(job.options), user=user)
+    except PipelineError as exc:
+        choices = f" (valid: {', '.join(map(str, exc.choices))})" if exc.choices else ""
+        raise Rejected("invalid_request", exc.message + choices) from exc
 
 
 class Scheduler:
     """Continuous batching over the engine's `Batch`: requests join between decode steps, each
     step decodes one token for every running sequence in one forward, finished ones leave."""
 
-    def __init__(self, engine, max_batch=None, max_queue=None):
+    def __init__(self, engine, pipeline, max_batch=None, max_queue=None):
         self.engine = engine
+        self.pipeline = pipeline
         self.max_batch = max_batch or settings.R3MES_MAX_BATCH
         self.max_queue = settings.R3MES_MAX_QUEUE if max_queue is None else max_queue
         self.batch = engine.new_batch(max_batch=self.max_batch, max_seq_len=settings.R3MES_MAX_SEQ_LEN)
@@ -276,8 +308,10 @@ class Scheduler:
                 "device": caps["device"],
                 "model": caps["model"],
                 "weights": caps["weights"],
-                "rag": bool(job.options.get("rag")),
-                "routing": "forced" if job.options.get("experts") else "none",
+                "rag": bool(job.plan and job.plan.options.rag),
+                "routing": ("forced" if job.options.get("experts") else
+                            "fast path" if job.pipeline_metrics.get("fast_path") else "hybrid"),
+                **job.pipeline_metrics,
             },
         }
 
@@ -297,6 +331,7 @@ class Scheduler:
                 continue
             self.steps += 1
             now = time.monotonic()
+            ended = []
             with self.lock:
                 for out in outputs:
                     job = out.seq.job
@@ -308,12 +343,10 @@ class Scheduler:
                         job.pending += out.piece
                         job.text += out.piece
                     if out.finished and job.error is None:  # a failed job already has its frame
-                        job.finish_reason = out.seq.finish_reason
-                        if job.finish_reason == "cancelled":
-                            self.cancelled += 1
-                        else:
-                            self.completed += 1
+                        ended.append((job, out.seq.finish_reason))
                 self.generated_tokens += sum(1 for o in outputs if o.token is not None)
+            for job, reason in ended:
+                self._finish(job, reason)
 
     def _admit(self):
         from inference.engine import EngineError
@@ -326,35 +359,64 @@ class Scheduler:
                     job.finish_reason = "cancelled"
                 self.cancelled += 1
                 continue
+            plan_ = None
             try:
-                messages, experts, sources = plan(self.engine, job)
-                opts = job.options
+                plan_ = plan(self.pipeline, job)
+                opts = plan_.options
                 seq = self.engine.sequence(
-                    messages,
-                    max_tokens=opts.get("max_tokens", settings.R3MES_DEFAULT_MAX_TOKENS),
-                    temperature=float(opts.get("temperature", 0.0)),
-                    top_p=float(opts.get("top_p", 1.0)),
-                    top_k=int(opts.get("top_k", 0)),
-                    seed=opts.get("seed"),
-                    stop=tuple(opts.get("stop") or ()),
-                    adapters=experts or None,
+                    plan_.prompt,
+                    max_tokens=opts.max_tokens,
+                    temperature=opts.temperature,
+                    top_p=opts.top_p,
+                    top_k=opts.top_k,
+                    seed=opts.seed,
+                    stop=opts.stop,
+                    adapters=plan_.adapters or None,
                     cancel=job.cancel,
                 )
                 seq.job = job
                 self.batch.add(seq)
             except Rejected as exc:
-                self._fail(job, exc.code, exc.message)
+                self._fail(job, exc.code, exc.message, plan_)
             except EngineError as exc:  # context too long, bad adapter mix: the client's request
-                self._fail(job, "invalid_request", str(exc))
+                self._fail(job, "invalid_request", str(exc), plan_)
             except Exception as exc:  # anything else is ours; the client still hears why
                 log.exception("admitting %s failed", job.request_id)
-                self._fail(job, "engine_error", f"{type(exc).__name__}: {exc}")
+                self._fail(job, "engine_error", f"{type(exc).__name__}: {exc}", plan_)
             else:
                 with self.lock:
-                    job.seq, job.experts, job.sources = seq, experts, sources
+                    job.seq, job.plan = seq, plan_
+                    job.experts = {expert: round(weight, 4) for expert, weight in plan_.mixture}
                     job.prompt_tokens = len(seq.prompt_ids)
 
-    def _fail(self, job, code, message):
+    def _finish(self, job, reason):
+        """The pipeline's last stage for an ended sequence (unpin adapters, cite sources, stats);
+        the finish reason is set last, so the done frame already carries the sources."""
+        sources, extra = [], {}
+        if reason == "cancelled":
+            self.pipeline.release(job.plan)
+            self.cancelled += 1
+        else:
+            ttft = (job.first_token_at - job.received) if job.first_token_at else None
+            gen_s = (job.last_token_at - job.first_token_at) if job.first_token_at and job.last_token_at else 0.0
+            try:
+                result = self.pipeline.finish(job.plan, job.text, job.tokens, ttft, gen_s, reason)
+                sources = result.sources
+                extra = {k: result.metrics[k] for k in (
+                    "retrieval_ms", "routing_ms", "adapter_loading_ms", "fast_path", "keyword_confidence",
+                    "cache_hits", "cache_misses", "retrieved")}
+            except Exception:  # the answer stands; only its sources and stats are lost
+                log.exception("finishing %s failed", job.request_id)
+                self.pipeline.release(job.plan)
+            self.completed += 1
+        with self.lock:
+            job.sources, job.pipeline_metrics = sources, extra
+            job.finish_reason = reason
+
+    def _fail(self, job, code, message, plan_=None):
+        plan_ = plan_ or job.plan
+        if plan_ is not None:
+            self.pipeline.release(plan_)
         with self.lock:
             job.error = (code, message)
         self.failed += 1
@@ -418,7 +480,8 @@ def accept(message, worker):
     # down when it was sent); running it would spend compute on nobody.
     if time.time() - message.get("sent_at", time.time()) > message.get("accept_timeout", 30) + 1:
         raise Rejected("stale", "request expired before a worker took it")
-    job = Job(message["request_id"], message["reply_channel"], message["messages"], message.get("options") or {})
+    job = Job(message["request_id"], message["reply_channel"], message["messages"], message.get("options") or {},
+              user_id=message.get("user_id"))
     state.scheduler.submit(job)
     return {"type": "generate.accepted", "request_id": job.request_id, "worker": worker,
             "queued": state.scheduler.waiting()}
@@ -465,23 +528,28 @@ def warmup():
 
 
 def preload(experts):
-    """Loads servable adapters for `experts` into the engine; returns {expert: "loaded"|reason}."""
+    """Brings the servable adapters of `experts` onto the device through the pipeline's tiered
+    cache; returns {expert: "loaded from <tier>" | reason}."""
+    from inference.adapter_cache import CorruptAdapter
+
     from .models import Adapter
 
     servable = Adapter.servable()
+    cache = state.pipeline.cache
     out = {}
     for name in experts:
         adapter = servable.get(name)
         if adapter is None:
             out[name] = "no approved adapter"
-        elif name in state.engine.adapters and state.engine.adapter_paths.get(name) == adapter.path:
-            out[name] = "resident"
-        elif not adapter.path or not os.path.isdir(adapter.path):
-            out[name] = f"adapter files missing at {adapter.path!r}"
-        else:
-            try:
-                state.engine.load_adapter(name, adapter.path)
-                out[name] = "loaded"
-            except Exception as exc:  # a broken adapter is reported, not fatal
-                out[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        try:
+            served = cache.acquire([adapter])
+        except CorruptAdapter as exc:
+            out[name] = f"refused: {exc}"
+            continue
+        except Exception as exc:  # a broken adapter is reported, not fatal
+            out[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        cache.release(served)
+        out[name] = "loaded from " + ", ".join(sorted(set(served.values())))
     return out

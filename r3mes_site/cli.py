@@ -1,7 +1,7 @@
 import importlib
 
-# governance last: its demo proposal needs the adapters and datasets the others create.
-DEMO_MODULES = ["inference.demo", "rag.demo", "mining.demo", "governance.demo"]
+# Users first (the others need the admin); `seed_last` hooks then see everything the others made.
+DEMO_MODULES = ["governance.demo", "inference.demo", "rag.demo", "mining.demo"]
 
 
 def register(subparsers):
@@ -11,14 +11,18 @@ def register(subparsers):
 
 
 def seed_demo(command, options):
+    modules = []
     for name in DEMO_MODULES:
         try:
-            module = importlib.import_module(name)
+            modules.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+            if exc.name != name:
+                raise
+    for module in modules:
         module.seed(command.stdout)
+    for module in modules:
+        if hasattr(module, "seed_last"):
+            module.seed_last(command.stdout)
 
 
 def register_wait(subparsers):

@@ -32,6 +32,8 @@ class WorkerProcess:
         self.env, self.log_path, self.proc = env, log_path, None
 
     def start(self):
+        # The worker reads approved adapters (and users, for retrieval) from the database.
+        subprocess.run([PYTHON, "manage.py", "migrate", "-v", "0"], cwd=REPO, env=self.env, check=True)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([PYTHON, "manage.py", "r3mes", "worker"], cwd=REPO, env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)

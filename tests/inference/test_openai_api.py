@@ -104,12 +104,14 @@ MAKE_ADAPTER = """
 import os, torch
 from django.conf import settings
 from inference.engine import Engine
+from inference.adapter_cache import file_sha256
 from inference.models import Adapter
 torch.set_num_threads(1)
 engine = Engine.load(cache_dir=settings.MODEL_CACHE_DIR)
 engine.new_adapter("coding", r=4, alpha=8, seed=1)
 path = engine.save_adapter("coding", os.path.join(settings.DATA_DIR, "adapters", "coding-v1"))
-Adapter.objects.create(expert="coding", version=1, path=str(path), sha256="0" * 64, rank=4, alpha=8).approve()
+sha = file_sha256(os.path.join(path, "adapter_model.safetensors"))
+Adapter.objects.create(expert="coding", version=1, path=str(path), sha256=sha, rank=4, alpha=8).approve()
 """
 
 
@@ -123,7 +125,7 @@ def test_an_approved_adapter_preloads_and_serves_forced_expert_requests(live_sta
     headers = {"Authorization": f"Bearer {live_stack.token}"}
     preload = requests.post(live_stack.url + "/api/inference/adapters/preload", headers=headers,
                             json={"experts": ["coding"]}, timeout=120)
-    assert preload.status_code == 200 and preload.json()["adapters"] == {"coding": "loaded"}
+    assert preload.status_code == 200 and preload.json()["adapters"] == {"coding": "loaded from disk"}
     experts = requests.get(live_stack.url + "/api/inference/experts", headers=headers, timeout=10).json()
     assert [(e["expert"], e["version"], e["resident"]) for e in experts["experts"]] == [("coding", 1, True)]
 
@@ -149,9 +151,44 @@ def test_a_stream_reader_that_leaves_cancels_the_sequence_in_the_worker(live_sta
             if content_chunks == 2:
                 break
     response.close()  # the reader leaves mid-answer
-    time.sleep(2.0)
-    before = requests.get(live_stack.url + "/api/inference/stats", headers=headers, timeout=10).json()
+    deadline = time.monotonic() + 30  # generous: the cancel is seen at the next step, even on a busy machine
+    while True:
+        before = requests.get(live_stack.url + "/api/inference/stats", headers=headers, timeout=10).json()
+        if before["running"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     time.sleep(2.0)
     after = requests.get(live_stack.url + "/api/inference/stats", headers=headers, timeout=10).json()
     assert before["running"] == 0 and after["generated_tokens"] == before["generated_tokens"]
     assert after["cancelled"] >= 1
+
+
+MAKE_COLLECTION = """
+from django.core.files.uploadedfile import SimpleUploadedFile
+from governance.models import User
+from rag import actions
+from rag.models import Collection
+alice = User.objects.get(username="alice")
+collection = Collection.objects.create(owner=alice, name="rivers", kind="general", visibility="private")
+text = b"The Danube flows through ten countries and ends in the Black Sea. Its delta is a wetland reserve."
+document, _ = actions.add_document(collection, alice, SimpleUploadedFile("danube.md", text), enqueue=False)
+actions.ingest(document.pk)
+"""
+
+
+def test_the_worker_runs_the_pipeline_retrieval_and_routing_for_the_requesting_user(live_stack, client):
+    import subprocess
+
+    from tests.inference.live import PYTHON, REPO
+
+    subprocess.run([PYTHON, "manage.py", "shell", "-c", MAKE_COLLECTION], cwd=REPO, env=live_stack.env, check=True,
+                   capture_output=True, timeout=300)
+    question = [{"role": "user", "content": "Which sea does the Danube end in?"}]
+    with_rag = client.chat.completions.create(model="r3mes", messages=question, max_tokens=8,
+                                              extra_body={"r3mes": {"rag": True}})
+    metrics = with_rag.model_extra["r3mes"]["metrics"]
+    assert metrics["rag"] is True and metrics["retrieved"] >= 1  # alice's private passage reached the prompt
+    assert metrics["routing"] in ("hybrid", "fast path") and metrics["routing_ms"] > 0
+    without = client.chat.completions.create(model="r3mes", messages=question, max_tokens=8)
+    assert without.model_extra["r3mes"]["metrics"]["retrieved"] == 0
+    assert with_rag.usage.prompt_tokens > without.usage.prompt_tokens  # the sources are in the prompt
