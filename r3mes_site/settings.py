@@ -334,3 +334,14 @@ R3MES_RATE_CHAT = (env_int("R3MES_RATE_CHAT_PER_MINUTE", 30, minimum=1), 60)
 # --- Blob store ---------------------------------------------------------------------------------
 
 IPFS_API_URL = env_str("IPFS_API_URL", "")
+
+# --- Mining: datasets, rounds, aggregation ------------------------------------------------------
+
+MINING_NODE_NAME = env_str("MINING_NODE_NAME", "local")  # miner name of this node's own shard training
+MINING_MAX_DATASET_BYTES = env_int("MINING_MAX_DATASET_BYTES", 20 * 1024 * 1024, minimum=1)
+MINING_MAX_DATASET_EXAMPLES = env_int("MINING_MAX_DATASET_EXAMPLES", 100_000, minimum=1)
+MINING_MAX_SUBMISSION_BYTES = env_int("MINING_MAX_SUBMISSION_BYTES", 200 * 1024 * 1024, minimum=1)
+MINING_PREVIEW_EXAMPLES = env_int("MINING_PREVIEW_EXAMPLES", 20, minimum=1)
+MINING_SCORE_EMA_ALPHA = env_float("MINING_SCORE_EMA_ALPHA", 0.3, minimum=0.0)
+MINING_MIN_STAKE_TO_OPEN_ROUND = env_decimal("MINING_MIN_STAKE_TO_OPEN_ROUND", "1")
+MINING_MAX_EVAL_EXAMPLES = env_int("MINING_MAX_EVAL_EXAMPLES", 64, minimum=1)

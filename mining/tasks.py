@@ -1,0 +1,23 @@
+"""Celery tasks: take ids, call mining.actions, report. Each action guards itself against double
+processing (conditional status updates, the unique (round, shard, miner) constraint)."""
+
+from celery import shared_task
+
+from . import actions
+
+
+@shared_task(acks_late=True)
+def prepare_round(round_id):
+    return actions.do_prepare_round(round_id)
+
+
+@shared_task(acks_late=True)
+def train_shard(round_id, shard):
+    submission = actions.do_train_shard(round_id, shard)
+    return submission.pk if submission else None
+
+
+@shared_task(acks_late=True)
+def aggregate_round(round_id):
+    adapter = actions.do_aggregate_round(round_id)
+    return adapter.pk if adapter else None
