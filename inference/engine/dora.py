@@ -1,0 +1,413 @@
+"""DoRA adapters, PEFT-compatible, with many adapters resident and per-sequence mixtures.
+
+For adapter i on a linear with frozen weight W0:
+
+    W'_i = m_i * (W0 + s_i B_i A_i) / ||W0 + s_i B_i A_i||_row,   g_i = m_i / ||W0 + s_i B_i A_i||_row
+
+A sequence with mixture weights w (sum 1) computes
+
+    y = (sum_i w_i g_i) * (W0 x) + sum_i w_i g_i s_i B_i A_i x
+
+so the whole batch shares ONE backbone product per layer; the low-rank paths of the resident
+adapters are stacked and contracted against the batch's [B, N] mixture matrix (Punica/S-LoRA
+style gather), never a Python loop over sequences. g_i is computed once at load.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .bitlinear import dense_weight
+from .errors import AdapterError, MixtureError, UnknownAdapter
+
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterContext:
+    """Shared by every DoraLinear of one model: the resident adapter order and, while a forward
+    runs, the batch's mixture restricted to the adapters it actually uses."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.active: torch.Tensor | None = None  # [n] indices into `names` used by this batch
+        self.weights: torch.Tensor | None = None  # [B, n] mixture over the active adapters
+        self.training: str | None = None  # adapter trained live (norm recomputed, detached)
+
+    def set_mixture(self, mixture: torch.Tensor | None) -> None:
+        if mixture is None or mixture.numel() == 0:
+            self.active = self.weights = None
+            return
+        used = (mixture > 0).any(dim=0).nonzero().squeeze(-1)  # [n]
+        if used.numel() == 0:
+            self.active = self.weights = None
+            return
+        self.active, self.weights = used, mixture[:, used]
+
+
+@dataclass
+class AdapterSpec:
+    """One PEFT adapter as read from disk: per module path, (A [r, in], B [out, r], m [out])."""
+
+    r: int
+    alpha: float
+    use_rslora: bool
+    use_dora: bool
+    target_modules: list[str] | str
+    base_model: str | None
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+class DoraLinear(nn.Module):
+    """Wraps a backbone linear (`base_layer`, dense or BitLinear) and adds the DoRA paths.
+
+    Per adapter name it keeps PEFT's parameters (`lora_A`, `lora_B`, `lora_magnitude_vector`);
+    for inference it keeps stacks over the context's adapter order:
+    `stack_A` [N, r, in], `stack_B` [N, out, r] already multiplied by g_i * s_i, `stack_g` [N, out].
+    """
+
+    def __init__(self, base_layer: nn.Module, context: AdapterContext):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.context = context
+        self.stack_A = self.stack_B = self.stack_g = None
+
+    # -- adapter bookkeeping -------------------------------------------------------------------
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float) -> None:
+        dtype = torch.float32  # adapter params stay float32: they are tiny and trained in fp32
+        self.lora_A[name] = nn.Parameter(A.to(dtype), requires_grad=False)
+        self.lora_B[name] = nn.Parameter(B.to(dtype), requires_grad=False)
+        self.lora_magnitude_vector[name] = nn.Parameter(m.to(dtype), requires_grad=False)
+        self.scaling[name] = scaling
+
+    def remove(self, name: str) -> None:
+        for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if name in d:
+                del d[name]
+        self.scaling.pop(name, None)
+
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """||W0 + s B A|| per output row (PEFT's get_weight_norm), in float32."""
+        W0 = dense_weight(self.base_layer).float()
+        delta = self.lora_B[name].float() @ self.lora_A[name].float()  # [out, in]
+        return torch.linalg.norm(W0 + self.scaling[name] * delta, dim=1)
+
+    @torch.no_grad()
+    def rebuild(self) -> None:
+        """Precompute g_i and the stacked low-rank factors in the context's adapter order.
+
+        A module that an adapter does not target behaves as that adapter with g = 1 and B = 0, so
+        the mixture formula holds for every module without special cases.
+        """
+        names = self.context.names
+        if not names:
+            self.stack_A = self.stack_B = self.stack_g = None
+            return
+        dtype = dense_weight(self.base_layer).dtype
+        dev = self.lora_A[next(iter(self.lora_A))].device if len(self.lora_A) else None
+        r_max = max([self.lora_A[n].shape[0] for n in names if n in self.lora_A] or [1])
+        A = torch.zeros(len(names), r_max, self.in_features, device=dev)
+        B = torch.zeros(len(names), self.out_features, r_max, device=dev)
+        g = torch.ones(len(names), self.out_features, device=dev)
+        for i, n in enumerate(names):
+            if n not in self.lora_A:
+                continue
+            r = self.lora_A[n].shape[0]
+            m = self.lora_magnitude_vector[n]
+            g[i] = m / self.weight_norm(n) if m is not None and m.numel() else 1.0
+            A[i, :r] = self.lora_A[n]
+            B[i, :, :r] = self.lora_B[n] * (g[i] * self.scaling[n])[:, None]
+        self.stack_A, self.stack_B, self.stack_g = A.to(dtype), B.to(dtype), g.to(dtype)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # [B, T, out]: the one backbone product
+        ctx = self.context
+        if ctx.training is not None and ctx.training in self.lora_A:
+            return self._forward_live(x, y, ctx.training)
+        if ctx.weights is None or self.stack_A is None:
+            return y
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            y = y - bias
+        w = ctx.weights.to(x.dtype)  # [B, n]
+        A, Bg, g = self.stack_A[ctx.active], self.stack_B[ctx.active], self.stack_g[ctx.active]
+        # Rows that use no adapter weigh the backbone by 1.
+        g_mix = w @ g + (1 - w.sum(-1, keepdim=True))  # [B, out]
+        xa = torch.einsum("bti,nri->btnr", x, A)  # [B, T, n, r]
+        low = torch.einsum("btnr,bn,nor->bto", xa, w, Bg)  # [B, T, out]
+        y = g_mix[:, None, :] * y + low
+        return y if bias is None else y + bias
+
+    def _forward_live(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        # Training: gradients reach A, B and m; the norm is detached (DoRA paper sec. 4.3, as PEFT).
+        A, B, m, s = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name], self.scaling[name]
+        g = (m / self.weight_norm(name).detach()).to(x.dtype)  # [out]
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            y = y - bias
+        low = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()  # [B, T, out]
+        y = g * y + g * s * low
+        return y if bias is None else y + bias
+
+
+def _get_module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def attach_context(model: nn.Module) -> AdapterContext:
+    if model.adapter_context is None:
+        model.adapter_context = AdapterContext()
+    return model.adapter_context
+
+
+def wrap_module(model: nn.Module, path: str) -> DoraLinear:
+    module = model.get_submodule(path)
+    if isinstance(module, DoraLinear):
+        return module
+    parent_path, _, child = path.rpartition(".")
+    wrapped = DoraLinear(module, attach_context(model))
+    setattr(model.get_submodule(parent_path), child, wrapped)
+    return wrapped
+
+
+def dora_modules(model: nn.Module) -> dict[str, DoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, DoraLinear)}
+
+
+def linear_paths(model: nn.Module) -> dict[str, nn.Module]:
+    """Backbone linears an adapter may target, by HF module path (DoraLinear wrappers unwrapped)."""
+    out = {}
+    for name, module in model.model.layers.named_modules(prefix="model.layers"):
+        if isinstance(module, DoraLinear):
+            out[name] = module.base_layer
+        elif hasattr(module, "in_features") and hasattr(module, "out_features") and ".base_layer" not in name:
+            out[name] = module
+    return out
+
+
+def matches_target(path: str, target_modules) -> bool:
+    """PEFT's rule: a string is a full regex match; a list matches by exact name or dotted suffix."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target_modules)
+
+
+# -- PEFT format ---------------------------------------------------------------------------------
+def read_peft_adapter(path: str | Path) -> AdapterSpec:
+    path = Path(path)
+    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.is_file():
+        raise AdapterError(f"{cfg_file}: adapter_config.json not found")
+    if not weights_file.is_file():
+        raise AdapterError(f"{weights_file}: adapter_model.safetensors not found")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from e
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise AdapterError(f"{cfg_file}: {key} is not supported (per-module ranks/alphas)")
+    for key in ("modules_to_save", "layer_replication", "trainable_token_indices"):
+        if cfg.get(key):
+            raise AdapterError(f"{cfg_file}: {key} is not supported (only LoRA/DoRA weight deltas)")
+    if cfg.get("lora_bias"):
+        raise AdapterError(f"{cfg_file}: lora_bias adapters are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_file}: bias={cfg['bias']!r} adapters are not supported")
+    try:
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{cfg_file}: missing or invalid 'r'/'lora_alpha'") from e
+    spec = AdapterSpec(
+        r=r,
+        alpha=alpha,
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        use_dora=bool(cfg.get("use_dora", False)),
+        target_modules=cfg.get("target_modules") or [],
+        base_model=cfg.get("base_model_name_or_path"),
+    )
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    pattern = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$")
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            for key in f.keys():
+                match = pattern.match(key)
+                if not match:
+                    raise AdapterError(f"{weights_file}: unexpected tensor {key!r} (not a PEFT LoRA/DoRA key)")
+                kind = match.group(2).split(".")[0]
+                parts.setdefault(match.group(1), {})[kind] = f.get_tensor(key)
+    except AdapterError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise AdapterError(f"{weights_file}: cannot read safetensors ({e})") from e
+    if not parts:
+        raise AdapterError(f"{weights_file}: contains no adapter tensors")
+    for module, t in parts.items():
+        if "lora_A" not in t or "lora_B" not in t:
+            raise AdapterError(f"{weights_file}: module {module!r} lacks lora_A or lora_B")
+        if spec.use_dora and "lora_magnitude_vector" not in t:
+            raise AdapterError(f"{weights_file}: module {module!r} lacks lora_magnitude_vector (use_dora is true)")
+        spec.tensors[module] = (t["lora_A"], t["lora_B"], t.get("lora_magnitude_vector"))
+    return spec
+
+
+def validate_spec(model: nn.Module, spec: AdapterSpec, source: str) -> None:
+    """Check every module path and shape against the backbone before anything is installed."""
+    linears = linear_paths(model)
+    for module, (A, B, m) in spec.tensors.items():
+        if module not in linears:
+            raise AdapterError(f"{source}: target module {module!r} does not exist in the backbone")
+        if spec.target_modules and not matches_target(module, spec.target_modules):
+            raise AdapterError(f"{source}: module {module!r} is not covered by target_modules {spec.target_modules}")
+        lin = linears[module]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterError(f"{source}: {module}.lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not chain")
+        if A.shape[1] != lin.in_features:
+            raise AdapterError(
+                f"{source}: {module}.lora_A.weight has in_features {A.shape[1]}, backbone has {lin.in_features}"
+            )
+        if B.shape[0] != lin.out_features:
+            raise AdapterError(
+                f"{source}: {module}.lora_B.weight has out_features {B.shape[0]}, backbone has {lin.out_features}"
+            )
+        if m is not None and m.reshape(-1).shape[0] != lin.out_features:
+            raise AdapterError(
+                f"{source}: {module}.lora_magnitude_vector has {m.numel()} entries, backbone has {lin.out_features}"
+            )
+        if A.shape[0] != spec.r:
+            raise AdapterError(f"{source}: {module}.lora_A rank {A.shape[0]} differs from r={spec.r} in the config")
+        for t, label in ((A, "lora_A"), (B, "lora_B"), (m, "lora_magnitude_vector")):
+            if t is not None and not torch.isfinite(t.float()).all():
+                raise AdapterError(f"{source}: {module}.{label} contains NaN or Inf")
+
+
+def install_adapter(model: nn.Module, name: str, spec: AdapterSpec) -> None:
+    """Install a validated adapter and rebuild the stacks of every DoRA module."""
+    ctx = attach_context(model)
+    for module, (A, B, m) in spec.tensors.items():
+        layer = wrap_module(model, module)
+        if m is None:  # plain LoRA: W' = W0 + sBA, i.e. g = 1
+            m = torch.empty(0)
+        layer.add(name, A, B, m.reshape(-1), spec.scaling)
+    if name not in ctx.names:
+        ctx.names.append(name)
+    for layer in dora_modules(model).values():
+        layer.rebuild()
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    ctx = attach_context(model)
+    if name not in ctx.names:
+        raise UnknownAdapter(f"adapter {name!r} is not loaded (loaded: {ctx.names})")
+    ctx.names.remove(name)
+    for layer in dora_modules(model).values():
+        layer.remove(name)
+        layer.rebuild()
+
+
+def new_adapter(model: nn.Module, name: str, r: int, alpha: float, target_modules=DEFAULT_TARGETS,
+                use_rslora: bool = False, generator: torch.Generator | None = None) -> AdapterSpec:
+    """A fresh DoRA adapter initialised as PEFT does: A kaiming-uniform, B zero, m = ||W0||_row."""
+    spec = AdapterSpec(r=r, alpha=alpha, use_rslora=use_rslora, use_dora=True,
+                       target_modules=list(target_modules), base_model=None)
+    for path, lin in linear_paths(model).items():
+        if not matches_target(path, spec.target_modules):
+            continue
+        A = torch.empty(r, lin.in_features)
+        # kaiming_uniform_(a=sqrt(5)) is nn.Linear's default init, which PEFT uses for lora_A.
+        bound = 1.0 / math.sqrt(lin.in_features)
+        A.uniform_(-bound, bound, generator=generator)
+        B = torch.zeros(lin.out_features, r)
+        m = torch.linalg.norm(dense_weight(lin).float(), dim=1)
+        spec.tensors[path] = (A, B, m)
+    if not spec.tensors:
+        raise AdapterError(f"target_modules {list(target_modules)} match no linear layer of the backbone")
+    return spec
+
+
+def save_peft_adapter(model: nn.Module, name: str, path: str | Path, base_model_name: str | None = None) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` exactly as PEFT lays them out."""
+    layers = {p: m for p, m in dora_modules(model).items() if name in m.lora_A}
+    if not layers:
+        raise UnknownAdapter(f"adapter {name!r} is not loaded")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, r, scaling, use_dora = {}, None, None, True
+    for p, layer in layers.items():
+        A, B, m = layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name]
+        tensors[f"{PEFT_PREFIX}{p}.lora_A.weight"] = A.detach().float().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{p}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+        if m.numel():
+            tensors[f"{PEFT_PREFIX}{p}.lora_magnitude_vector"] = m.detach().float().contiguous().cpu()
+        else:
+            use_dora = False
+        r, scaling = A.shape[0], layer.scaling[name]
+    meta = getattr(model, "adapter_meta", {}).get(name, {})
+    use_rslora = bool(meta.get("use_rslora", False))
+    alpha = meta.get("lora_alpha", scaling * (math.sqrt(r) if use_rslora else r))
+    targets = sorted({p.rsplit(".", 1)[1] for p in layers})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "use_dora": use_dora,
+        "use_rslora": use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def mixture_vector(adapters: dict[str, float] | None, names: list[str]) -> torch.Tensor:
+    """Validate a {name: weight} mixture and return it normalised over `names` ([N], sums to 1)."""
+    vec = torch.zeros(len(names))
+    if not adapters:
+        return vec
+    for name, weight in adapters.items():
+        if name not in names:
+            raise UnknownAdapter(f"adapter {name!r} is not loaded (loaded: {names})")
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError) as e:
+            raise MixtureError(f"adapter {name!r}: weight {weight!r} is not a number") from e
+        if not math.isfinite(weight) or weight < 0:
+            raise MixtureError(f"adapter {name!r}: weight {weight} must be a finite non-negative number")
+        vec[names.index(name)] = weight
+    total = float(vec.sum())
+    if total <= 0:
+        raise MixtureError(f"adapter weights {adapters} must sum to a positive number")
+    return vec / total

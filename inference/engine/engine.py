@@ -1,0 +1,212 @@
+"""The engine's public face: load a model, tokenize, score, generate, manage DoRA adapters."""
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from . import dora
+from .errors import AdapterError, ContextLengthExceeded, EngineError, ModelLoadError
+from .generate import Batch, SamplingParams, Sequence, generate
+from .loaders import load_model, prepare_default_model
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise EngineError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)") from None
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' requested but CUDA is not available")
+    return device
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, source: str, dtype: torch.dtype,
+                 device: torch.device, load_seconds: float = 0.0):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.source, self.dtype, self.device = source, dtype, device
+        self.load_seconds = load_seconds
+        self.adapter_paths: dict[str, str] = {}
+        self.model.adapter_meta = {}
+        # The backbone is frozen; only DoRA parameters may ever be trained (train.py checks).
+        self.model.requires_grad_(False)
+        dora.attach_context(model)
+        # Adapter (un)loading rewrites the DoRA stacks that a running forward reads.
+        self.lock = threading.RLock()
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, dtype="float32", device="cpu", ternary: bool = False,
+             cache_dir: str | os.PathLike | None = None) -> "Engine":
+        """Load a .gguf file or HF dir; with no path, the default model (converted once, cached)."""
+        start = time.perf_counter()
+        torch_dtype, torch_device = _resolve_dtype(dtype), _resolve_device(device)
+        if path is None:
+            path = prepare_default_model(cache_dir)
+        model, tokenizer = load_model(path, torch_dtype, torch_device, ternary=ternary)
+        return cls(model, tokenizer, str(path), torch_dtype, torch_device, time.perf_counter() - start)
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def render(self, messages_or_prompt) -> str:
+        """A chat (list of {role, content}) through the model's template; a str is used as is."""
+        if isinstance(messages_or_prompt, str):
+            return messages_or_prompt
+        return self.tokenizer.apply_chat_template(list(messages_or_prompt), add_generation_prompt=True)
+
+    # -- adapters ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.model.adapter_context.names)
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load a PEFT-format (DoRA or LoRA) adapter. Validated in full before anything changes."""
+        if not name or not isinstance(name, str):
+            raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
+        spec = dora.read_peft_adapter(path)
+        dora.validate_spec(self.model, spec, str(path))
+        with self.lock:
+            if name in self.adapters:
+                dora.remove_adapter(self.model, name)
+            self._install(name, spec)
+            self.adapter_paths[name] = str(path)
+
+    def _install(self, name: str, spec: dora.AdapterSpec) -> None:
+        spec.tensors = {k: tuple(None if t is None else t.to(self.device) for t in v) for k, v in spec.tensors.items()}
+        dora.install_adapter(self.model, name, spec)
+        self.model.adapter_meta[name] = {"lora_alpha": spec.alpha, "use_rslora": spec.use_rslora, "r": spec.r}
+
+    def new_adapter(self, name: str, r: int = 8, alpha: float = 16.0, target_modules=dora.DEFAULT_TARGETS,
+                    use_rslora: bool = False, seed: int = 0) -> None:
+        """Create a fresh DoRA adapter (B = 0, so it starts as the identity), e.g. for training."""
+        if name in self.adapters:
+            raise AdapterError(f"adapter {name!r} is already loaded")
+        gen = torch.Generator().manual_seed(seed)
+        spec = dora.new_adapter(self.model, name, r, alpha, target_modules, use_rslora, gen)
+        with self.lock:
+            self._install(name, spec)
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            dora.remove_adapter(self.model, name)
+            self.adapter_paths.pop(name, None)
+            self.model.adapter_meta.pop(name, None)
+
+    def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
+        return dora.save_peft_adapter(self.model, name, path, base_model_name=self.config.name or self.source)
+
+    def mixture_matrix(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Stack the sequences' {name: weight} mixtures into [B, N] over the resident adapters."""
+        names = self.adapters
+        if not names or not any(s.mixture for s in seqs):
+            return None
+        rows = [dora.mixture_vector(s.mixture, names) for s in seqs]
+        return torch.stack(rows).to(device=self.device, dtype=torch.float32)
+
+    # -- compute -------------------------------------------------------------------------------
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise EngineError("token list is empty")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        if len(ids) > self.config.max_seq_len:
+            raise ContextLengthExceeded(
+                f"{len(ids)} tokens exceed the context length of {self.config.max_seq_len} (max_seq_len)")
+        return ids
+
+    @torch.inference_mode()
+    def logits(self, ids, adapters: dict[str, float] | None = None) -> torch.Tensor:
+        """Full causal forward without cache: Tensor[len(ids), vocab], float32."""
+        ids = self._check_ids(ids)
+        with self.lock:
+            mix = self.mixture_matrix([Sequence(ids, mixture=adapters)])
+            tokens = torch.tensor([ids], device=self.device)
+            return self.model(tokens, mixture=mix)[0].float()
+
+    def sequence(self, messages_or_prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop=(), adapters: dict[str, float] | None = None,
+                 cancel=None) -> Sequence:
+        """Build a validated Sequence (for `generate` or for a worker's `Batch`)."""
+        ids = self._check_ids(self.tokenize(self.render(messages_or_prompt)))
+        if adapters:
+            dora.mixture_vector(adapters, self.adapters)  # raise now, not mid-batch
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+        return Sequence(ids, params, dict(adapters) if adapters else None, cancel)
+
+    def new_batch(self, max_batch: int = 8, max_seq_len: int = 2048) -> Batch:
+        """A continuous-batching scheduler on this engine's model (one active batch per engine)."""
+        return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix)
+
+    def generate(self, messages_or_prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop=(), adapters: dict[str, float] | None = None,
+                 cancel=None, callback: Callable[[str], None] | None = None,
+                 max_seq_len: int = 2048) -> Iterator[str]:
+        """Stream text pieces (valid UTF-8, stop strings excluded) for one prompt or chat."""
+        seq = self.sequence(messages_or_prompt, max_tokens, temperature, top_p, top_k, seed, stop, adapters, cancel)
+        if len(seq.prompt_ids) >= min(max_seq_len, self.config.max_seq_len):
+            raise ContextLengthExceeded(
+                f"prompt has {len(seq.prompt_ids)} tokens; the context holds {min(max_seq_len, self.config.max_seq_len)}")
+        self.last_sequence = seq
+        with self.lock:
+            yield from generate(self.model, self.tokenizer, seq, max_seq_len, self.mixture_matrix, callback)
+
+    # -- reporting -----------------------------------------------------------------------------
+    def capabilities(self) -> dict:
+        cfg = self.config
+        n_params = sum(p.numel() for n, p in self.model.named_parameters() if ".lora_" not in n)
+        n_params += sum(b.numel() * (4 if b.dtype == torch.uint8 else 1)
+                        for n, b in self.model.named_buffers() if n.endswith("proj.weight"))
+        tensors = {t.data_ptr(): t for t in self.model.state_dict().values()}  # tied weights count once
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            memory = {"device_total_bytes": total, "device_free_bytes": free}
+        else:
+            pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+            memory = {"ram_total_bytes": pages * page, "ram_available_bytes": os.sysconf("SC_AVPHYS_PAGES") * page}
+        memory["weights_bytes"] = weight_bytes
+        return {
+            "model": cfg.name,
+            "source": self.source,
+            "arch": cfg.arch,
+            "ternary": cfg.ternary,
+            "weights": "ternary (BitNet b1.58, 2-bit packed)" if cfg.ternary else "dense",
+            "ternarized_from_dense": cfg.ternary and cfg.arch == "llama",
+            "n_params": n_params,
+            "context_length": cfg.max_seq_len,
+            "vocab_size": cfg.vocab_size,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "precision": str(self.dtype).removeprefix("torch."),
+            "backend": "pytorch-cuda" if self.device.type == "cuda" else "pytorch-cpu",
+            "threads": torch.get_num_threads(),
+            "memory": memory,
+            "adapters": self.adapters,
+            "load_seconds": round(self.load_seconds, 3),
+        }

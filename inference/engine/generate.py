@@ -1,0 +1,260 @@
+"""Generation: prefill + decode with a KV cache, sampling, streaming text, continuous batching.
+
+Shape follows gpt-fast: `prefill`, `decode_one_token`, `sample`, and a `generate` loop with a
+token callback. `Batch` is what the inference worker drives: sequences join with `add()`, each
+`step()` decodes one token for every running sequence in ONE forward (each with its own sampling
+parameters and adapter mixture), and finished sequences leave and free their KV slot.
+"""
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import ContextLengthExceeded, EngineError
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise EngineError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in self.stop if s)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [V] float32 -> one token id."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p (the top token always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def prefill(model, tokens: torch.Tensor, slot: int, mixture: torch.Tensor | None) -> torch.Tensor:
+    """Run a prompt [T] into KV slot `slot`; returns the last position's logits [V]."""
+    T = tokens.shape[0]
+    input_pos = torch.arange(T, device=tokens.device)[None]  # [1, T]
+    slots = torch.tensor([slot], device=tokens.device)
+    mix = None if mixture is None else mixture[None]
+    return model(tokens[None], input_pos=input_pos, slots=slots, mixture=mix)[0, -1]
+
+
+def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor,
+                     mixture: torch.Tensor | None) -> torch.Tensor:
+    """tokens [B], input_pos [B], slots [B], mixture [B, N] -> logits [B, V]."""
+    return model(tokens[:, None], input_pos=input_pos[:, None], slots=slots, mixture=mixture)[:, -1]
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces that are always valid UTF-8 and never
+    contain (part of) a stop string.
+
+    Byte-level BPE can split one character over several tokens; the decoded tail then ends in
+    U+FFFD until the rest arrives, so that tail is held back. Text that could still turn into a stop
+    string is held back too.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (complete characters only)
+        self.emitted = 0  # chars of self.text already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        self.text = text
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.text, self.stopped = self.text[:at], True
+        if self.stopped:
+            return self.flush()
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._take(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        piece = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in flight. `mixture` is a {adapter name: weight} dict (validated by the engine)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    mixture: dict[str, float] | None = None
+    cancel: threading.Event | Callable[[], bool] | None = None
+    id: int = field(default_factory=lambda: next(_seq_ids))
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    slot: int = -1
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text if self.stream else ""
+
+    def cancelled(self) -> bool:
+        if self.cancel is None:
+            return False
+        return self.cancel.is_set() if isinstance(self.cancel, threading.Event) else bool(self.cancel())
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token: int | None  # None when the sequence ended without a new token (cancelled)
+    piece: str
+    finished: bool
+
+
+class Batch:
+    """Continuous batching over a fixed pool of KV slots.
+
+    `mixture_matrix(seqs)` maps the batch's sequences to a [B, N] tensor over the resident
+    adapters (the engine supplies it, so the scheduler knows nothing about adapters).
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer, max_batch: int = 8, max_seq_len: int = 2048,
+                 mixture_matrix: Callable[[list[Sequence]], torch.Tensor | None] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch = max_batch
+        self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
+        self.mixture_matrix = mixture_matrix or (lambda seqs: None)
+        self.device = model.model.embed_tokens.weight.device
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(max_batch))
+        model.setup_caches(max_batch, self.max_seq_len)
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> Sequence:
+        if not seq.prompt_ids:
+            raise EngineError("prompt is empty")
+        if len(seq.prompt_ids) >= self.max_seq_len:
+            raise ContextLengthExceeded(
+                f"prompt has {len(seq.prompt_ids)} tokens; the context holds {self.max_seq_len} (max_seq_len)"
+            )
+        seq.stream = TextStream(self.tokenizer, seq.params.stop)
+        if seq.params.temperature > 0:
+            seq.generator = torch.Generator(device="cpu")
+            if seq.params.seed is not None:
+                seq.generator.manual_seed(seq.params.seed)
+            else:
+                seq.generator.seed()
+        self.waiting.append(seq)
+        return seq
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit waiting sequences (prefill), then decode one token for the others."""
+        out: list[StepOutput] = []
+        for seq in [s for s in self.running + self.waiting if s.cancelled()]:
+            seq.finish_reason = "cancelled"
+            out.append(StepOutput(seq, None, seq.stream.flush() if seq.stream else "", True))
+            self._release(seq)
+        decoding = list(self.running)
+        while self.waiting and self.free_slots:
+            seq = self.waiting.pop(0)
+            seq.slot = self.free_slots.pop(0)
+            self.running.append(seq)
+            mix = self.mixture_matrix([seq])
+            tokens = torch.tensor(seq.prompt_ids, device=self.device)
+            logits = prefill(self.model, tokens, seq.slot, None if mix is None else mix[0])
+            out.append(self._accept(seq, sample(logits.float().cpu(), seq.params, seq.generator)))
+        if decoding:
+            last = torch.tensor([s.output_ids[-1] for s in decoding], device=self.device)  # [B]
+            pos = torch.tensor([len(s.prompt_ids) + len(s.output_ids) - 1 for s in decoding], device=self.device)
+            slots = torch.tensor([s.slot for s in decoding], device=self.device)
+            logits = decode_one_token(self.model, last, pos, slots, self.mixture_matrix(decoding)).float().cpu()
+            for i, seq in enumerate(decoding):
+                out.append(self._accept(seq, sample(logits[i], seq.params, seq.generator)))
+        for o in out:
+            if o.finished and o.seq in self.running:
+                self._release(o.seq)
+        return out
+
+    def _accept(self, seq: Sequence, token: int) -> StepOutput:
+        if token in self.tokenizer.eos_ids:
+            seq.finish_reason = "stop"
+            return StepOutput(seq, token, seq.stream.flush(), True)
+        seq.output_ids.append(token)
+        piece = seq.stream.push(token)
+        if seq.stream.stopped:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+        elif len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
+            seq.finish_reason = "length"  # the next token would not fit in the KV cache
+        if seq.finished and not seq.stream.stopped:
+            piece += seq.stream.flush()
+        return StepOutput(seq, token, piece, seq.finished)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+            self.free_slots.sort()
+
+
+def generate(model, tokenizer: Tokenizer, seq: Sequence, max_seq_len: int = 2048,
+             mixture_matrix=None, callback: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Generate for one sequence, yielding text pieces (and passing each to `callback`)."""
+    batch = Batch(model, tokenizer, max_batch=1, max_seq_len=max_seq_len, mixture_matrix=mixture_matrix)
+    batch.add(seq)
+    while len(batch):
+        for o in batch.step():
+            if o.piece:
+                if callback is not None:
+                    callback(o.piece)
+                yield o.piece

@@ -1,0 +1,248 @@
+"""Llama-family decoder (dense Llama and BitNet b1.58), configured by one dataclass.
+
+Module names mirror Hugging Face (`model.layers.{i}.self_attn.q_proj`, ...) so state dicts and PEFT
+adapter keys map 1:1. Every projection is a plain attribute holding a linear module, so a later
+pass can walk the tree and swap in quantised kernels (as gpt-fast's quantize.py does).
+"""
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .bitlinear import BitLinear
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    hidden_dim: int = 11008
+    head_dim: int = 0  # 0 = dim // n_heads
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    arch: str = "llama"  # "llama" | "bitnet"
+    ternary: bool = False  # projections are packed BitLinear layers
+    attention_bias: bool = False
+    name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.arch not in ("llama", "bitnet"):
+            raise ValueError(f"arch must be 'llama' or 'bitnet', got {self.arch!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+    if cfg.ternary:
+        return BitLinear(in_features, out_features, bias=bias)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the gain, as the HF reference does, so
+        # bfloat16 runs round the same way.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to max_seq_len (HF "rotate_half" layout)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [S, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [B, T] -> cos, sin [B, 1, T, hd] (broadcast over heads)
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Per-layer key/value buffers for `max_batch` slots.
+
+    Each sequence owns a slot and writes at its own positions, so sequences of different lengths
+    decode together (continuous batching) without padding their histories to a common length.
+    """
+
+    def __init__(self, max_batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+        # slots [B], input_pos [B, T], k/v [B, Hkv, T, hd] -> cached k/v [B, Hkv, length, hd]
+        rows = slots[:, None]  # [B, 1] broadcasts against input_pos [B, T]
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, hd]
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k_cache[slots, :, :length], self.v_cache[slots, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = make_linear(cfg, cfg.dim, cfg.n_heads * cfg.head_dim, cfg.attention_bias)
+        self.k_proj = make_linear(cfg, cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
+        self.v_proj = make_linear(cfg, cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.attention_bias)
+        self.o_proj = make_linear(cfg, cfg.n_heads * cfg.head_dim, cfg.dim, cfg.attention_bias)
+        # BitNet normalises the attention output before the (ternary) output projection.
+        self.attn_sub_norm = RMSNorm(cfg.n_heads * cfg.head_dim, cfg.norm_eps) if cfg.arch == "bitnet" else None
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(slots, input_pos, k, v, kv_len)  # [B, Hkv, L, hd]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*hd]
+        if self.attn_sub_norm is not None:
+            y = self.attn_sub_norm(y)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = make_linear(cfg, cfg.dim, cfg.hidden_dim)
+        self.up_proj = make_linear(cfg, cfg.dim, cfg.hidden_dim)
+        self.down_proj = make_linear(cfg, cfg.hidden_dim, cfg.dim)
+        self.bitnet = cfg.arch == "bitnet"
+        self.ffn_sub_norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps) if self.bitnet else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bitnet:
+            h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)  # [B, T, hidden]
+            return self.down_proj(self.ffn_sub_norm(h))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, input_pos, kv_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """The `model.` prefix of HF Llama checkpoints."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        # lm_head stays dense even on BitNet: the 2B-4T checkpoint keeps it (tied) in bf16.
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Set by dora.attach_context(); holds the batch's adapter mixture matrix while a forward runs.
+        self.adapter_context = None
+        self.max_batch = 0
+        self.cache_len = 0
+
+    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
+        """Allocate KV buffers for `max_batch` slots of `max_seq_len` tokens (gpt-fast style)."""
+        max_seq_len = min(max_seq_len, self.config.max_seq_len)
+        if self.max_batch >= max_batch and self.cache_len >= max_seq_len:
+            return
+        cfg = self.config
+        dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
+        self.max_batch, self.cache_len = max_batch, max_seq_len
+
+    def forward(self, tokens, input_pos=None, slots=None, mixture=None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (float32).
+
+        Without `input_pos` this is a full causal forward with no cache (scoring, training).
+        With `input_pos` [B, T] and `slots` [B], keys/values go to (and come from) the KV cache.
+        `mixture` [B, N] holds each sequence's weights over the resident adapters.
+        """
+        B, T = tokens.shape
+        x = self.model.embed_tokens(tokens)  # [B, T, D]
+        mask, kv_len = None, 0
+        if input_pos is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        else:
+            positions = input_pos
+            kv_len = int(input_pos.max()) + 1
+            key_pos = torch.arange(kv_len, device=tokens.device)
+            mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
+        cos, sin = self.rope(positions, x.dtype)
+        ctx = self.adapter_context
+        if ctx is not None:
+            ctx.set_mixture(mixture)
+        try:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, slots, input_pos, kv_len)
+            x = self.model.norm(x)
+            return self.lm_head(x).float()
+        finally:
+            if ctx is not None:
+                ctx.set_mixture(None)
+
+
+def ternarize_model(model: Transformer) -> Transformer:
+    """Swap every decoder projection for a packed BitLinear (absmean), in place. Lossy on a dense
+    model; the config is marked `ternary=True` so capabilities() reports it."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, BitLinear.from_dense(child))
+    model.config.ternary = True
+    return model
