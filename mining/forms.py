@@ -11,7 +11,7 @@ class DatasetUploadForm(forms.Form):
     name = forms.CharField(max_length=200)
     expert = forms.SlugField(max_length=40, help_text="The expert this data trains, e.g. <code>coding</code>")
     format = forms.ChoiceField(choices=[("auto", "Detect"), ("jsonl", "JSONL"), ("text", "Plain text")],
-                               initial="auto")
+                               initial="auto", required=False)
     file = forms.FileField(help_text="JSONL lines <code>{\"instruction\", \"response\"}</code> or "
                                      "<code>{\"messages\": [...]}</code>, or plain text (paragraphs).")
     description = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False, max_length=5000)
