@@ -4,6 +4,7 @@ these; each writes inside a transaction so a refused or failed step leaves nothi
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -35,10 +36,9 @@ class Refused(Exception):
 
 def record_ledger(tx_type, payload):
     """Record on the ledger when the chain module is installed (branch `chain`); a no-op otherwise."""
-    try:
-        ledger = importlib.import_module("mining.ledger")
-    except ImportError:
+    if importlib.util.find_spec("mining.ledger") is None:
         return None
+    ledger = importlib.import_module("mining.ledger")
     record = getattr(ledger, "record", None)
     return record(tx_type, payload) if record else None
 
@@ -402,10 +402,9 @@ def _aggregate(round_obj):
 
 def _propose(round_obj, adapter, eval_loss):
     """An adapter proposal in governance, when the governance actions module offers one."""
-    try:
-        actions = importlib.import_module("governance.actions")
-    except ImportError:
+    if importlib.util.find_spec("governance.actions") is None:
         return None
+    actions = importlib.import_module("governance.actions")
     create = getattr(actions, "do_create_proposal", None)
     if create is None or round_obj.created_by is None:
         return None

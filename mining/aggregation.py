@@ -22,7 +22,8 @@ What is exact (up to float32 rounding), and what is not:
 Before any method runs, a submission is rejected (with a reason) for: keys that are not PEFT
 LoRA/DoRA keys, non-floating dtypes, tensors that do not chain or whose shapes differ from the
 majority's, NaN/Inf, a bad scaling, or an update norm far outside the others (modified z-score
-of Iglewicz and Hoaglin, |z| > `z_threshold`, computed when at least 3 submissions remain).
+of Iglewicz and Hoaglin, |z| > `z_threshold`, computed when at least 3 submissions remain, and
+the norm more than `min_ratio` times above, or below, the median norm).
 Update norms are measured from `base` (the round's starting adapter) when given, else from the
 coordinate-wise median of the submissions.
 """
@@ -318,7 +319,7 @@ def to_state_dict(modules: dict[str, Module]) -> dict[str, torch.Tensor]:
 
 
 # -- entry point ---------------------------------------------------------------------------------
-def aggregate(adapters, method, weights=None, *, base=None, rank=None, z_threshold=3.5, **params):
+def aggregate(adapters, method, weights=None, *, base=None, rank=None, z_threshold=3.5, min_ratio=2.0, **params):
     """Aggregate `adapters` — a list of (state_dict, scaling) pairs — with a method of METHODS.
 
     `weights` (e.g. example counts, one per adapter) weight `mean` and `multi_krum`; the
@@ -379,7 +380,10 @@ def aggregate(adapters, method, weights=None, *, base=None, rank=None, z_thresho
         z = _robust_z(norms)
         median_norm = float(norms.median())
         for i, zi in zip(list(valid), z.tolist()):
-            if abs(zi) > z_threshold:
+            ratio = report.norms[i] / median_norm if median_norm > 0 else math.inf
+            # Far outside = statistically (z) AND materially (ratio): with few submissions the MAD
+            # is tiny and z alone would flag honest miners whose norms differ by a few percent.
+            if abs(zi) > z_threshold and (ratio > min_ratio or ratio < 1 / min_ratio):
                 side = "above" if zi > 0 else "below"
                 report.rejected[i] = (f"update norm {report.norms[i]:.4g} is far {side} the others "
                                       f"(median {median_norm:.4g}, robust z-score {zi:.1f} > {z_threshold})")
