@@ -48,6 +48,7 @@ def dataset(n=72, seed=0):
 
 
 def synthetic(n, rank=8, layers=2, seed=0):
+    """n submissions around a shared update, plus the base adapter they started from (returned first)."""
     shapes = {}
     for layer in range(layers):
         shapes[f"model.layers.{layer}.self_attn.q_proj"] = (576, 576)
@@ -55,7 +56,12 @@ def synthetic(n, rank=8, layers=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     centre = {k: (torch.randn(rank, i, generator=gen) * 0.02, torch.randn(o, rank, generator=gen) * 0.02)
               for k, (o, i) in shapes.items()}
-    out = []
+    base = {}
+    for k, (o, i) in shapes.items():
+        base[f"base_model.model.{k}.lora_A.weight"] = centre[k][0]
+        base[f"base_model.model.{k}.lora_B.weight"] = torch.zeros(o, rank)
+        base[f"base_model.model.{k}.lora_magnitude_vector"] = torch.ones(o)
+    out = [(base, 2.0)]
     for _ in range(n):
         state = {}
         for k, (o, i) in shapes.items():
@@ -112,7 +118,7 @@ def main():
         times = []
         for n in sizes:
             start = time.perf_counter()
-            aggregation.aggregate(subs[n], method, weights=[1] * n)
+            aggregation.aggregate(subs[n][1:], method, weights=[1] * n, base=subs[n][0])
             times.append(time.perf_counter() - start)
         print(f"| {method} | " + " | ".join(f"{t:.2f}" for t in times) + " |", flush=True)
 

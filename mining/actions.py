@@ -9,6 +9,7 @@ import logging
 import shutil
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -124,7 +125,10 @@ def do_prepare_round(round_id):
 
     round_obj = Round.objects.get(pk=round_id)
     if not round_obj.start_training():
-        return False
+        # A redelivered task (the worker died mid-preparation) finishes the job; any other
+        # state means another worker prepared this round already.
+        if not (round_obj.status == Round.Status.TRAINING and not round_obj.base_cid):
+            return False
     try:
         engine = training.get_engine()
         eval_part, _ = round_data(round_obj)
@@ -420,3 +424,16 @@ def _propose(round_obj, adapter, eval_loss):
     except Exception as exc:  # governance refusing (e.g. an open proposal) must not undo the round
         log.warning("round %s: could not create the adapter proposal: %s", round_obj.pk, exc)
         return None
+
+
+def do_expire_stuck_rounds(now=None):
+    """Fail rounds that have trained or aggregated for longer than MINING_ROUND_TIMEOUT seconds
+    (a lost worker, external miners who never came), so no round stays 'in progress' forever."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.MINING_ROUND_TIMEOUT)
+    expired = []
+    for round_obj in Round.objects.filter(status__in=[Round.Status.TRAINING, Round.Status.AGGREGATING],
+                                          started_at__lt=cutoff):
+        if round_obj.fail(f"timed out after {settings.MINING_ROUND_TIMEOUT} s in {round_obj.status}"):
+            expired.append(round_obj.pk)
+    return expired

@@ -21,3 +21,8 @@ def train_shard(round_id, shard):
 def aggregate_round(round_id):
     adapter = actions.do_aggregate_round(round_id)
     return adapter.pk if adapter else None
+
+
+@shared_task
+def expire_stuck_rounds():
+    return actions.do_expire_stuck_rounds()

@@ -345,3 +345,5 @@ MINING_PREVIEW_EXAMPLES = env_int("MINING_PREVIEW_EXAMPLES", 20, minimum=1)
 MINING_SCORE_EMA_ALPHA = env_float("MINING_SCORE_EMA_ALPHA", 0.3, minimum=0.0)
 MINING_MIN_STAKE_TO_OPEN_ROUND = env_decimal("MINING_MIN_STAKE_TO_OPEN_ROUND", "1")
 MINING_MAX_EVAL_EXAMPLES = env_int("MINING_MAX_EVAL_EXAMPLES", 64, minimum=1)
+MINING_ROUND_TIMEOUT = env_int("MINING_ROUND_TIMEOUT", 6 * 3600, minimum=60)
+CELERY_BEAT_SCHEDULE["mining-expire-stuck-rounds"] = {"task": "mining.tasks.expire_stuck_rounds", "schedule": 600.0}

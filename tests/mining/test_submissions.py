@@ -194,3 +194,46 @@ def test_leaderboard_and_dashboard_render(client, round_obj):
     assert dashboard.status_code == 200 and f"#{round_obj.pk}".encode() in dashboard.content
     progress = client.get(reverse("mining-round-progress", args=[round_obj.pk]))
     assert progress.status_code == 200 and b"0 / 2" in progress.content
+
+
+@pytest.mark.django_db
+def test_rounds_stuck_past_the_timeout_are_failed_with_a_reason(round_obj, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    settings.MINING_ROUND_TIMEOUT = 3600
+    Round.objects.filter(pk=round_obj.pk).update(started_at=timezone.now() - timedelta(hours=2))
+    assert actions.do_expire_stuck_rounds() == [round_obj.pk]
+    round_obj.refresh_from_db()
+    assert round_obj.status == "failed" and "timed out" in round_obj.error
+    assert actions.do_expire_stuck_rounds() == []
+
+
+def _queued_aggregations(round_id):
+    """Aggregation tasks waiting in the real (test) Redis broker's default queue for this round."""
+    from r3mes_site.api import redis_client
+
+    found = []
+    for raw in redis_client().lrange("celery", 0, -1):
+        headers = json.loads(raw).get("headers", {})
+        if headers.get("task") == "mining.tasks.aggregate_round" and headers.get("argsrepr") == f"({round_id},)":
+            found.append(raw)
+    return found
+
+
+@pytest.mark.django_db
+def test_external_only_round_queues_aggregation_when_every_shard_has_a_submission(
+        api_client, round_obj, django_capture_on_commit_callbacks):
+    from r3mes_site.api import redis_client
+
+    for raw in _queued_aggregations(round_obj.pk):  # left by an earlier session's round with this id
+        redis_client().lrem("celery", 0, raw)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert submit(api_client, round_obj, packed(make_adapter(31))).status_code == 201
+    assert _queued_aggregations(round_obj.pk) == []
+    with django_capture_on_commit_callbacks(execute=True):
+        assert submit(api_client, round_obj, packed(make_adapter(32)), shard=1).status_code == 201
+    queued = _queued_aggregations(round_obj.pk)
+    assert len(queued) == 1
+    redis_client().lrem("celery", 0, queued[0])  # no worker runs in this test: leave the broker clean
