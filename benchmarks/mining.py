@@ -98,18 +98,21 @@ def eval_state(engine, state, report_or_config, examples, name="bench-eval"):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--agg-threads", type=int, default=1, help="torch threads for the aggregation timings")
     parser.add_argument("--shards", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--sizes", default="10,50,200")
     parser.add_argument("--skip-robustness", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.agg_threads)
     from django.conf import settings
 
-    print(f"# mining benchmark: torch {torch.__version__}, {args.threads} threads, CPU")
+    print(f"# mining benchmark: torch {torch.__version__}, CPU, {args.threads} threads for the engine, "
+          f"{args.agg_threads} for aggregation timings")
 
     # 2. aggregation time (no engine needed)
-    print("\n## Aggregation time (s), synthetic submissions, 4 modules of SmolLM2 shapes, rank 8")
+    print("\n## Aggregation time, synthetic submissions, 4 modules of SmolLM2 shapes, rank 8")
+    print(f"wall s / process CPU s (load average at start: {os.getloadavg()[0]:.1f})")
     sizes = [int(s) for s in args.sizes.split(",")]
     print("| method | " + " | ".join(f"n={n}" for n in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
@@ -117,12 +120,13 @@ def main():
     for method in METHODS:
         times = []
         for n in sizes:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             aggregation.aggregate(subs[n][1:], method, weights=[1] * n, base=subs[n][0])
-            times.append(time.perf_counter() - start)
-        print(f"| {method} | " + " | ".join(f"{t:.2f}" for t in times) + " |", flush=True)
+            times.append((time.perf_counter() - start, time.process_time() - cpu))
+        print(f"| {method} | " + " | ".join(f"{w:.2f} / {c:.2f}" for w, c in times) + " |", flush=True)
 
     # 1. training speed
+    torch.set_num_threads(args.threads)
     engine = Engine.load(None, cache_dir=settings.MODEL_CACHE_DIR)
     rows = dataset()
     shard_round = Round(shards=args.shards, seed=0, eval_fraction=0.15)
@@ -136,15 +140,15 @@ def main():
     base_state, base_config = training.unpack(training.pack_dir(tmp / "base"))
     honest, speeds = [], []
     for k, shard in enumerate(shards):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = train_dora(engine, shard, config, adapter=f"bench-{k}", init_from=tmp / "base",
                             save_to=tmp / f"s{k}")
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         engine.unload_adapter(f"bench-{k}")
         speeds.append(args.steps / elapsed)
         honest.append(training.unpack(training.pack_dir(tmp / f"s{k}")))
         print(f"shard {k}: {len(shard)} examples, {args.steps} steps in {elapsed:.1f} s "
-              f"({args.steps / elapsed:.3f} steps/s), loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}",
+              f"({args.steps / elapsed:.3f} steps/s wall, {cpu:.1f} CPU s), loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}",
               flush=True)
         if args.skip_robustness:
             break

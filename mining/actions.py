@@ -20,7 +20,7 @@ from django.utils import timezone
 from r3mes_site import metrics
 
 from . import blobstore
-from .datasets import DatasetInvalid, parse_dataset
+from .datasets import parse_dataset
 from .merkle import merkle_root
 from .models import Dataset, MinerScore, Round, Submission, local_miner_key
 

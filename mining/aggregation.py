@@ -11,7 +11,8 @@ What is exact (up to float32 rounding), and what is not:
   returned *stacked* (FLoRA): A_out = [A_1; ...; A_k], B_out = [w_1 s_1/s B_1, ..., w_k s_k/s B_k],
   so s * B_out @ A_out = sum_i w_i s_i B_i A_i exactly, at rank sum(r_i). Magnitudes are the
   same weighted mean. With only honest submissions, `mean` therefore equals the true weighted
-  average of the weight deltas.
+  average of the weight deltas. When sum(r_i) exceeds min(out, in) of the widest module the stack
+  is re-factored by an SVD to that width, which is still exact (no delta has a higher rank).
 - `trimmed_mean` and `median` are coordinate-wise, so their result is a dense delta of unknown
   rank; it is factored back by truncated SVD to `rank` (default sum(r_i), capped at
   min(out, in)). That is exact only when the dense result has rank <= the output rank; the
@@ -397,7 +398,10 @@ def aggregate(adapters, method, weights=None, *, base=None, rank=None, z_thresho
         report.weights = chosen
         report.included = sorted(chosen)
         stack_rank = sum(modules[i][next(iter(modules[i]))].A.shape[0] for i in chosen)
-        out_rank = int(rank) if rank else stack_rank
+        # A delta never has a rank above min(out, in): past that, stacking only adds zeros' worth
+        # of factors, so the (exact) SVD of the stack to that width is used instead.
+        widest = max(min(mod.B.shape[0], mod.A.shape[1]) for mod in modules[valid[0]].values())
+        out_rank = int(rank) if rank else min(stack_rank, widest)
         for name in modules[valid[0]]:
             parts = [(w, scalings[i], modules[i][name]) for i, w in sorted(chosen.items())]
             A, B = _stacked_factor(parts, scaling)

@@ -11,9 +11,9 @@ from r3mes_site.api import ApiError, api_token_required, api_view, rate_limited
 
 from . import actions
 from .charts import loss_chart
-from .datasets import DatasetInvalid, guess_format
+from .datasets import DatasetInvalid
 from .forms import DatasetUploadForm, RoundForm
-from .models import Dataset, MinerScore, Round, Submission
+from .models import Dataset, MinerScore, Round
 
 
 def _links():

@@ -64,7 +64,7 @@ def test_weighted_mean_of_honest_submissions_equals_the_average_weight_delta_exa
     weights = [10, 20, 30, 40, 50]
     state, report = aggregate([(s, SCALING) for s in states], "mean", weights=weights)
     assert report.included == [0, 1, 2, 3, 4] and not report.rejected
-    assert report.exact and report.rank == 4 * 5
+    assert report.exact and report.rank == 16  # stack rank 20 re-factored to the matrices' width 16
     got = deltas(state, report.scaling)
     for name in MODULES:
         want = sum(w / 150 * deltas(s, SCALING)[name][0] for s, w in zip(states, weights))
@@ -204,3 +204,13 @@ def test_median_of_identical_low_rank_updates_is_recovered_exactly():
     assert report.svd_error < 1e-6 and report.exact
     name = next(iter(MODULES))
     assert torch.allclose(deltas(state, report.scaling)[name][0], deltas(states[0], SCALING)[name][0], atol=1e-4)
+
+
+def test_many_stacked_submissions_are_refactored_exactly_to_the_matrix_width():
+    small = {"model.layers.0.self_attn.q_proj": (12, 10)}
+    states = [make_adapter(i, rank=4, modules=small) for i in range(5)]  # stack rank 20 > width 10
+    state, report = aggregate([(s, SCALING) for s in states], "mean")
+    assert report.rank == 10 and report.exact
+    name = next(iter(small))
+    want = sum(deltas(s, SCALING)[name][0] for s in states) / 5
+    assert torch.allclose(deltas(state, report.scaling)[name][0], want, atol=1e-5)

@@ -11,7 +11,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
 from mining import actions, blobstore, training
-from mining.models import Dataset, MinerScore, Round, Submission
+from mining.models import MinerScore, Round, Submission
 from tests.mining.test_aggregation import make_adapter
 
 ROWS = b"\n".join(json.dumps({"instruction": f"q{i}", "response": f"a{i}"}).encode() for i in range(20))
