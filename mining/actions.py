@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -42,6 +43,11 @@ def record_ledger(tx_type, payload):
     ledger = importlib.import_module("mining.ledger")
     record = getattr(ledger, "record", None)
     return record(tx_type, payload) if record else None
+
+
+def _finite(value):
+    """A float for the database and the ledger (canonical JSON forbids NaN/Inf), else None."""
+    return value if isinstance(value, float) and math.isfinite(value) else None
 
 
 def _progress_key(round_id, shard):
@@ -147,7 +153,7 @@ def do_prepare_round(round_id):
                 data = training.pack_dir(tmp)
         cid, _ = blobstore.put_bytes(data)
         baseline = training.eval_packed(engine, data, eval_part, name)
-        Round.objects.filter(pk=round_obj.pk).update(base_cid=cid, baseline_eval_loss=baseline)
+        Round.objects.filter(pk=round_obj.pk).update(base_cid=cid, baseline_eval_loss=_finite(baseline))
     except Exception as exc:
         log.exception("round %s: preparation failed", round_id)
         round_obj.fail(f"preparation failed: {exc}")
@@ -214,7 +220,7 @@ def do_train_shard(round_id, shard):
             submission = Submission.objects.create(
                 round=round_obj, shard=shard, miner_key=key, miner_name=key, blob_cid=cid,
                 sha256=blobstore.sha256_hex_from_cid(cid), size_bytes=size, examples=len(examples),
-                train_losses=result.losses, eval_loss=loss, seconds=result.seconds)
+                train_losses=result.losses, eval_loss=_finite(loss), seconds=result.seconds)
             _record_submission(submission)
     except IntegrityError:
         return None  # another worker recorded this shard first
@@ -229,7 +235,8 @@ def _record_submission(submission):
     record_ledger("submission", {
         "round": submission.round_id, "shard": submission.shard, "miner": submission.miner_name,
         "blob_cid": submission.blob_cid, "sha256": submission.sha256, "examples": submission.examples,
-        "status": submission.status})
+        "final_train_loss": submission.train_losses[-1] if submission.train_losses else None,
+        "eval_loss": submission.eval_loss, "status": submission.status})
 
 
 def _maybe_aggregate(round_id):
@@ -341,7 +348,8 @@ def _aggregate(round_obj):
             data = blobstore.read_bytes(sub.blob_cid)
             state, config = training.unpack(data)
             if sub.eval_loss is None:  # external miners' claims are not trusted: measure here
-                sub.eval_loss = training.eval_packed(engine, data, eval_part, f"round{round_obj.pk}-eval{sub.pk}")
+                sub.eval_loss = _finite(
+                    training.eval_packed(engine, data, eval_part, f"round{round_obj.pk}-eval{sub.pk}"))
             adapters.append((state, training.scaling_of(config)))
             usable.append(sub)
         except (blobstore.BlobError, training.BadAdapterBlob) as exc:
@@ -368,7 +376,7 @@ def _aggregate(round_obj):
     training.write_dir(state, config, adapter_dir)
     try:
         cid, size = blobstore.put_bytes(packed)
-        eval_after = training.eval_packed(engine, packed, eval_part, f"round{round_obj.pk}-aggregate")
+        eval_after = _finite(training.eval_packed(engine, packed, eval_part, f"round{round_obj.pk}-aggregate"))
         with transaction.atomic():
             for sub in submissions:
                 if sub.pk in reasons:
@@ -404,6 +412,10 @@ def _aggregate(round_obj):
     return adapter
 
 
+def _fmt(value):
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _propose(round_obj, adapter, eval_loss):
     """An adapter proposal in governance, when the governance actions module offers one."""
     if importlib.util.find_spec("governance.actions") is None:
@@ -416,7 +428,8 @@ def _propose(round_obj, adapter, eval_loss):
     baseline = round_obj.baseline_eval_loss
     description = (f"Aggregated by round {round_obj.pk} ({round_obj.method}) from "
                    f"{len(round_obj.report.get('included', []))} submissions. "
-                   f"Eval loss {eval_loss:.4f} (baseline {baseline:.4f}). Merkle root `{round_obj.merkle_root}`.")
+                   f"Eval loss {_fmt(eval_loss)} (baseline {_fmt(baseline)}). "
+                   f"Merkle root `{round_obj.merkle_root}`.")
     try:
         return create(round_obj.created_by, kind="adapter", target=adapter.pk,
                       title=f"Approve {adapter.expert} v{adapter.version} from mining round {round_obj.pk}",

@@ -57,8 +57,11 @@ class Dataset(models.Model):
         self.save(update_fields=["status", "approved_at"])
         from .actions import record_ledger
 
-        record_ledger("dataset_approved", {"dataset": self.pk, "name": self.name, "expert": self.expert,
-                                           "blob_cid": self.blob_cid, "sha256": self.sha256, "examples": self.examples})
+        # The payload chain sync replays on peers (mining.chain_sync.check_dataset_announcement).
+        record_ledger("dataset_approved", {
+            "name": self.name, "expert": self.expert, "format": self.format, "blob_cid": self.blob_cid,
+            "sha256": self.sha256, "size_bytes": self.size_bytes, "examples": self.examples,
+            "description": self.description})
 
     def reject(self):
         self.status = self.Status.REJECTED

@@ -7,6 +7,7 @@ in-process, in the order a worker would, with the real database (transactional t
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import tempfile
 
@@ -112,6 +113,13 @@ def test_a_round_trains_every_shard_rejects_the_poisoner_and_yields_a_candidate_
         from governance.models import Proposal
 
         assert Proposal.objects.filter(kind="adapter", target_id=adapter.pk).exists()
+
+    if importlib.util.find_spec("mining.ledger") is not None:  # the chain half is merged
+        from mining.models import Transaction
+
+        types = set(Transaction.objects.values_list("tx_type", flat=True))
+        assert {"dataset_approved", "round_opened", "submission", "aggregation"} <= types
+        assert Transaction.objects.get(tx_type="aggregation").payload["merkle_root"] == round_obj.merkle_root
 
     # Idempotent: replaying the tasks changes nothing.
     assert actions.do_train_shard(round_obj.pk, 0) is None
