@@ -237,3 +237,15 @@ def test_external_only_round_queues_aggregation_when_every_shard_has_a_submissio
     queued = _queued_aggregations(round_obj.pk)
     assert len(queued) == 1
     redis_client().lrem("celery", 0, queued[0])  # no worker runs in this test: leave the broker clean
+
+
+@pytest.mark.django_db
+def test_dataset_approval_round_opening_and_submissions_are_recorded_on_the_ledger(api_client, round_obj):
+    pytest.importorskip("mining.ledger", reason="the ledger is built on branch chain; runs once merged")
+    from mining.models import Transaction
+
+    assert submit(api_client, round_obj, packed(make_adapter(41))).status_code == 201
+    by_type = {t.tx_type: t.payload for t in Transaction.objects.all()}
+    assert by_type["dataset_approved"]["blob_cid"] == round_obj.dataset.blob_cid
+    assert by_type["round_opened"]["round"] == round_obj.pk
+    assert by_type["submission"]["miner"] == "alice" and by_type["submission"]["shard"] == 0
