@@ -5,7 +5,8 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import CommandError
 from django.db import transaction
 
-from .models import ApiToken, User
+from .actions import do_close_due_proposals
+from .models import ApiToken, Proposal, User
 from .wallet import validate_wallet_address
 
 
@@ -21,6 +22,15 @@ def register(subparsers):
     add.add_argument("--staff", action="store_true")
     add.add_argument("--token", action="store_true", help="Also create an API token and print it last")
     add.set_defaults(handler=add_user)
+
+    proposals = subparsers.add_parser("proposals", help="Governance proposals")
+    verbs = proposals.add_subparsers(dest="proposals_verb", required=True, metavar="ACTION")
+    close_due = verbs.add_parser("close-due", help="Close ended voting periods and expire ended deposit periods now")
+    close_due.set_defaults(handler=close_due_proposals)
+    listing = verbs.add_parser("list", help="List proposals")
+    listing.add_argument("--status", choices=[s.value for s in Proposal.Status])
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=list_proposals)
 
 
 def add_user(command, options):
@@ -50,3 +60,26 @@ def add_user(command, options):
             _, raw = ApiToken.issue(user, "cli")
             line += f"; API token: {raw}"
     command.stdout.write(line)
+
+
+def close_due_proposals(command, options):
+    done = do_close_due_proposals()
+    for pk, outcome in sorted(done.items()):
+        command.stdout.write(f"Proposal #{pk}: {outcome}")
+    command.stdout.write(f"Closed {len(done)} proposal(s)")
+
+
+def list_proposals(command, options):
+    import json
+
+    from .api import proposal_json
+
+    proposals = Proposal.objects.select_related("proposer")
+    if options["status"]:
+        proposals = proposals.filter(status=options["status"])
+    if options["json"]:
+        command.stdout.write(json.dumps([proposal_json(p, with_votes=False) for p in proposals], indent=2))
+        return
+    for p in proposals:
+        ends = p.period_end.isoformat(timespec="seconds") if p.period_end else "-"
+        command.stdout.write(f"#{p.pk:<5} {p.status:<10} {p.kind:<9} {p.target_label[:30]:<30} ends {ends}  {p.title}")

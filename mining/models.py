@@ -1,7 +1,8 @@
 import math
 
 from django.conf import settings
-from django.db import models
+from django.core.validators import RegexValidator
+from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -55,13 +56,6 @@ class Dataset(models.Model):
         self.status = self.Status.APPROVED
         self.approved_at = timezone.now()
         self.save(update_fields=["status", "approved_at"])
-        from .actions import record_ledger
-
-        # The payload chain sync replays on peers (mining.chain_sync.check_dataset_announcement).
-        record_ledger("dataset_approved", {
-            "name": self.name, "expert": self.expert, "format": self.format, "blob_cid": self.blob_cid,
-            "sha256": self.sha256, "size_bytes": self.size_bytes, "examples": self.examples,
-            "description": self.description})
 
     def reject(self):
         self.status = self.Status.REJECTED
@@ -287,3 +281,169 @@ class ModelVersion(models.Model):
     @classmethod
     def active(cls):
         return cls.objects.filter(status=cls.Status.ACTIVE).first()
+
+
+# --- Ledger, peers and model versions ---------------------------------------------------------
+# A ModelVersion's download state on this node lives in `BackboneFetch`, so the shared model keeps
+# its fields; mining/model_versions.py fetches, activates and rolls back.
+
+HEX64 = RegexValidator(r"^[0-9a-f]{64}$", "Must be 64 lowercase hex characters (an ed25519 public key).")
+
+
+class Peer(models.Model):
+    """Another R3MES node whose ledger this node replicates. Its blocks must be signed by
+    `public_key`, pinned here by the operator (admin), not learnt from the peer itself."""
+
+    name = models.CharField(max_length=100, unique=True)
+    url = models.URLField(max_length=500, help_text="Base URL, e.g. https://node.example.org")
+    public_key = models.CharField(max_length=64, validators=[HEX64], help_text="From the peer's /api/chain/node")
+    enabled = models.BooleanField(default=True)
+    apply_announcements = models.BooleanField(
+        default=True, help_text="Approve locally the adapters and datasets this peer's ledger announces"
+    )
+    last_height = models.PositiveBigIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    last_sync_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def endpoint(self, path):
+        return f"{self.url.rstrip('/')}{path}"
+
+    def head(self):
+        return self.blocks.order_by("-height").first()
+
+    def record_error(self, message):
+        self.last_error = message[:2000]
+        self.last_sync_at = timezone.now()
+        self.save(update_fields=["last_error", "last_sync_at"])
+
+    def record_success(self):
+        self.last_error = ""
+        self.last_sync_at = self.last_success_at = timezone.now()
+        self.save(update_fields=["last_error", "last_sync_at", "last_success_at"])
+
+
+class Block(models.Model):
+    """A signed, hash-linked block. `origin` is empty for this node's own chain and names the peer
+    for a replicated chain, so the two never mix (heights are unique per origin)."""
+
+    origin = models.ForeignKey(Peer, null=True, blank=True, on_delete=models.CASCADE, related_name="blocks")
+    height = models.PositiveBigIntegerField()
+    hash = models.CharField(max_length=64, db_index=True)
+    previous_hash = models.CharField(max_length=64)
+    merkle_root = models.CharField(max_length=64)
+    # Kept as the exact string that was signed, so a round trip through the database cannot
+    # change the header's bytes.
+    timestamp = models.CharField(max_length=40)
+    proposer = models.CharField(max_length=64)
+    signature = models.CharField(max_length=128)
+    tx_count = models.PositiveIntegerField(default=0)
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["origin_id", "height"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["height"], condition=models.Q(origin__isnull=True), name="unique_local_block_height"
+            ),
+            models.UniqueConstraint(fields=["origin", "height"], name="unique_peer_block_height"),
+        ]
+
+    def __str__(self):
+        return f"block {self.height}" + (f" from {self.origin}" if self.origin_id else "")
+
+    @property
+    def time(self):
+        from datetime import datetime
+
+        try:
+            return datetime.fromisoformat(self.timestamp.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+
+    def header(self):
+        return {
+            "height": self.height,
+            "previous_hash": self.previous_hash,
+            "merkle_root": self.merkle_root,
+            "timestamp": self.timestamp,
+            "proposer": self.proposer,
+            "tx_count": self.tx_count,
+        }
+
+    def as_dict(self):
+        """The block as served by /api/chain/blocks and checked by `ledger.check_block`."""
+        return {
+            **self.header(),
+            "hash": self.hash,
+            "signature": self.signature,
+            "transactions": [tx.as_dict() for tx in self.transactions.all()],
+        }
+
+
+class Transaction(models.Model):
+    block = models.ForeignKey(Block, on_delete=models.CASCADE, related_name="transactions")
+    index = models.PositiveIntegerField()
+    tx_type = models.CharField(max_length=40, db_index=True)
+    payload = models.JSONField()
+    timestamp = models.CharField(max_length=40)
+    hash = models.CharField(max_length=64, db_index=True)
+
+    class Meta:
+        ordering = ["block_id", "index"]
+        constraints = [models.UniqueConstraint(fields=["block", "index"], name="unique_tx_index_in_block")]
+
+    def __str__(self):
+        return f"{self.tx_type} {self.hash[:12]}"
+
+    def body(self):
+        return {"type": self.tx_type, "payload": self.payload, "timestamp": self.timestamp}
+
+    def as_dict(self):
+        return {"index": self.index, **self.body(), "hash": self.hash}
+
+    def payload_pretty(self):
+        import json
+
+        return json.dumps(self.payload, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+class BackboneFetch(models.Model):
+    """Download state of a ModelVersion on this node (one row per version): what the models page
+    shows and what guards against two fetches of the same version at once."""
+
+    class State(models.TextChoices):
+        IDLE = "idle"
+        FETCHING = "fetching"
+        READY = "ready"
+        FAILED = "failed"
+
+    version = models.OneToOneField(ModelVersion, on_delete=models.CASCADE, related_name="fetch")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.IDLE)
+    source = models.CharField(max_length=200, blank=True, help_text="Where the verified file came from")
+    error = models.TextField(blank=True)
+    bytes_done = models.PositiveBigIntegerField(default=0)
+    updated = models.DateTimeField(default=timezone.now)
+
+    # A fetch that has not reported progress for this long died with its process; it may be
+    # claimed again (and resumes from the partial file).
+    STALE_AFTER_S = 120
+
+    def __str__(self):
+        return f"{self.version} {self.state}"
+
+    @property
+    def is_running(self):
+        return self.state == self.State.FETCHING and (timezone.now() - self.updated).total_seconds() < self.STALE_AFTER_S
+
+    @property
+    def percent(self):
+        size = self.version.size_bytes
+        return min(100, int(self.bytes_done * 100 / size)) if size else None

@@ -4,6 +4,7 @@ processing (conditional status updates, the unique (round, shard, miner) constra
 from celery import shared_task
 
 from . import actions
+from .chain_tasks import *  # noqa: F401,F403  (Celery autodiscovery imports only tasks.py)
 
 
 @shared_task(acks_late=True)

@@ -1,8 +1,9 @@
-from django.urls import path
+from django.urls import include, path
 
 from . import views
 
 urlpatterns = [
+    path("", include("mining.chain_urls")),
     path("mining/", views.dashboard, name="mining"),
     path("mining/datasets/", views.dataset_list, name="mining-datasets"),
     path("mining/datasets/<int:pk>/", views.dataset_detail, name="mining-dataset"),

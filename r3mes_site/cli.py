@@ -1,6 +1,7 @@
 import importlib
 
-DEMO_MODULES = ["governance.demo", "inference.demo", "rag.demo", "mining.demo"]
+# governance last: its demo proposal needs the adapters and datasets the others create.
+DEMO_MODULES = ["inference.demo", "rag.demo", "mining.demo", "governance.demo"]
 
 
 def register(subparsers):

@@ -31,3 +31,18 @@ readiness_check_latency = Histogram(
     "r3mes_readiness_check_seconds", "Latency of each readiness check", ["check"], buckets=LATENCY_BUCKETS
 )
 readiness_check_failures = Counter("r3mes_readiness_check_failures_total", "Failed readiness checks", ["check"])
+governance_votes = Counter("r3mes_governance_votes_total", "Governance votes cast or changed")
+governance_deposits = Counter("r3mes_governance_deposits_total", "Governance deposits made")
+governance_proposals_closed = Counter(
+    "r3mes_governance_proposals_closed_total", "Proposals closed, by outcome", ["outcome"]
+)
+
+# --- Ledger and chain sync ---
+ledger_transactions = Counter("r3mes_ledger_transactions_total", "Transactions recorded on this node's ledger", ["type"])
+chain_sync_blocks = Counter("r3mes_chain_sync_blocks_total", "Peer blocks verified and stored by chain sync")
+chain_sync_failures = Counter(
+    "r3mes_chain_sync_failures_total", "Chain sync runs that stopped on an error", ["reason"]
+)
+chain_sync_blob_bytes = Counter("r3mes_chain_sync_blob_bytes_total", "Blob bytes fetched from peers and verified")
+corrupt_blobs = Counter("r3mes_corrupt_blobs_total", "Blobs refused because their content does not match the CID", ["source"])
+backbone_fetch_bytes = Counter("r3mes_backbone_fetch_bytes_total", "Backbone bytes downloaded", ["source"])

@@ -223,7 +223,13 @@ if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 60},
+        # redis-py 8 defaults to a 5 s socket timeout, the same as channels_redis's blocking-pop
+        # timeout; a longer socket timeout keeps idle receivers from timing out.
+        "CONFIG": {
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 2}],
+            "capacity": 1000,
+            "expiry": 60,
+        },
     }
 }
 CACHES = {
@@ -334,6 +340,63 @@ R3MES_RATE_CHAT = (env_int("R3MES_RATE_CHAT_PER_MINUTE", 30, minimum=1), 60)
 # --- Blob store ---------------------------------------------------------------------------------
 
 IPFS_API_URL = env_str("IPFS_API_URL", "")
+
+# --- Governance --------------------------------------------------------------------------------
+# Cosmos x/gov (SDK v0.50) defaults. Amounts are in stake units; periods in seconds, so tests and
+# small communities can use short ones.
+
+
+def env_ratio(name, default):
+    value = env_decimal(name, default)
+    if not Decimal(0) <= value <= Decimal(1):
+        fail(name, f"must be between 0 and 1, got {value}")
+    return value
+
+
+R3MES_GOV_MIN_DEPOSIT = env_decimal("R3MES_GOV_MIN_DEPOSIT", "10")
+R3MES_GOV_EXPEDITED_MIN_DEPOSIT = env_decimal("R3MES_GOV_EXPEDITED_MIN_DEPOSIT", "50")
+R3MES_GOV_DEPOSIT_PERIOD = env_int("R3MES_GOV_DEPOSIT_PERIOD", 2 * 24 * 3600, minimum=1)
+R3MES_GOV_VOTING_PERIOD = env_int("R3MES_GOV_VOTING_PERIOD", 2 * 24 * 3600, minimum=1)
+R3MES_GOV_EXPEDITED_VOTING_PERIOD = env_int("R3MES_GOV_EXPEDITED_VOTING_PERIOD", 24 * 3600, minimum=1)
+R3MES_GOV_QUORUM = env_ratio("R3MES_GOV_QUORUM", "0.334")
+R3MES_GOV_THRESHOLD = env_ratio("R3MES_GOV_THRESHOLD", "0.5")
+R3MES_GOV_VETO_THRESHOLD = env_ratio("R3MES_GOV_VETO_THRESHOLD", "0.334")
+R3MES_GOV_EXPEDITED_THRESHOLD = env_ratio("R3MES_GOV_EXPEDITED_THRESHOLD", "0.667")
+# What happens to deposits (Cosmos params of the same names): burned on veto, refunded when the
+# quorum is missed or the deposit period expires; cancelling burns this share and refunds the rest.
+R3MES_GOV_BURN_VOTE_VETO = env_bool("R3MES_GOV_BURN_VOTE_VETO", True)
+R3MES_GOV_BURN_VOTE_QUORUM = env_bool("R3MES_GOV_BURN_VOTE_QUORUM", False)
+R3MES_GOV_BURN_PROPOSAL_DEPOSIT_PREVOTE = env_bool("R3MES_GOV_BURN_PROPOSAL_DEPOSIT_PREVOTE", False)
+R3MES_GOV_PROPOSAL_CANCEL_RATIO = env_ratio("R3MES_GOV_PROPOSAL_CANCEL_RATIO", "0.5")
+R3MES_GOV_CLOSE_INTERVAL = env_int("R3MES_GOV_CLOSE_INTERVAL", 10, minimum=1)
+if R3MES_GOV_MIN_DEPOSIT <= 0:
+    fail("R3MES_GOV_MIN_DEPOSIT", f"must be positive, got {R3MES_GOV_MIN_DEPOSIT}")
+if R3MES_GOV_EXPEDITED_MIN_DEPOSIT < R3MES_GOV_MIN_DEPOSIT:
+    fail("R3MES_GOV_EXPEDITED_MIN_DEPOSIT", "must not be below R3MES_GOV_MIN_DEPOSIT (Cosmos rule)")
+if R3MES_GOV_EXPEDITED_VOTING_PERIOD >= R3MES_GOV_VOTING_PERIOD:
+    fail("R3MES_GOV_EXPEDITED_VOTING_PERIOD", "must be shorter than R3MES_GOV_VOTING_PERIOD (Cosmos rule)")
+if R3MES_GOV_EXPEDITED_THRESHOLD <= R3MES_GOV_THRESHOLD:
+    fail("R3MES_GOV_EXPEDITED_THRESHOLD", "must be above R3MES_GOV_THRESHOLD (Cosmos rule)")
+CELERY_BEAT_SCHEDULE["governance-close-due"] = {
+    "task": "governance.tasks.close_due_proposals",
+    "schedule": float(R3MES_GOV_CLOSE_INTERVAL),
+}
+# --- Ledger, chain sync and model versions ---
+
+# Peers pull blocks and blobs from these unauthenticated endpoints, so they get their own limit
+# (per client address).
+R3MES_RATE_PEER = (env_int("R3MES_RATE_PEER_PER_MINUTE", 600, minimum=1), 60)
+R3MES_PEER_CONNECT_TIMEOUT = env_float("R3MES_PEER_CONNECT_TIMEOUT", 5.0, minimum=0.1)
+R3MES_PEER_READ_TIMEOUT = env_float("R3MES_PEER_READ_TIMEOUT", 30.0, minimum=0.1)
+R3MES_PEER_MAX_PAGE_BYTES = env_int("R3MES_PEER_MAX_PAGE_BYTES", 32 * 1024 * 1024, minimum=1024)
+R3MES_PEER_MAX_BLOB_BYTES = env_int("R3MES_PEER_MAX_BLOB_BYTES", 64 * 1024**3, minimum=1)
+R3MES_CHAIN_SYNC_PAGE = env_int("R3MES_CHAIN_SYNC_PAGE", 200, minimum=1, maximum=1000)
+R3MES_CHAIN_SYNC_INTERVAL = env_float("R3MES_CHAIN_SYNC_INTERVAL", 60.0, minimum=1)
+R3MES_CHAIN_SYNC_LOCK_S = env_int("R3MES_CHAIN_SYNC_LOCK_S", 900, minimum=10)
+# Free space kept beyond a backbone's size when downloading it.
+R3MES_MODEL_DISK_MARGIN_BYTES = env_int("R3MES_MODEL_DISK_MARGIN_BYTES", 512 * 1024 * 1024, minimum=0)
+R3MES_MODEL_FETCH_TIMEOUT = env_float("R3MES_MODEL_FETCH_TIMEOUT", 60.0, minimum=0.1)
+CELERY_BEAT_SCHEDULE["mining-chain-sync"] = {"task": "mining.sync_chain", "schedule": R3MES_CHAIN_SYNC_INTERVAL}
 
 # --- Mining: datasets, rounds, aggregation ------------------------------------------------------
 

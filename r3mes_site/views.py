@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from . import health
 
-STARTED_AT = time.time()
+STARTED_AT = time.time()  # module import: the first request after start-up
 _startup_complete = False
 
 

@@ -1,0 +1,84 @@
+"""`make run`'s process supervisor: every process starts on the requested port, and Ctrl-C stops
+them all (the real script, real Redis, Daphne, Celery and the inference worker)."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port_pair():
+    """A web port whose Redis port (port + 10000, as run.sh derives it) is free too."""
+    import socket
+
+    for port in range(20000 + os.getpid() % 20000, 55000, 7):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def descendants(root):
+    """{pid: args} of every process below `root` (honcho puts each child in its own session)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    children, args = {}, {}
+    for line in out.splitlines():
+        pid, ppid, *rest = line.split(None, 2)
+        children.setdefault(int(ppid), []).append(int(pid))
+        args[int(pid)] = rest[0] if rest else ""
+    found, stack = {}, [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found[child] = args[child]
+            stack.append(child)
+    return found
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_run_script_serves_on_port_and_ctrl_c_leaves_no_process_behind(tmp_path):
+    port = free_port_pair()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DJANGO_SETTINGS_MODULE")}
+    env.update({"PORT": str(port), "R3MES_DATA_DIR": str(tmp_path / "data")})
+    subprocess.run([str(REPO / ".venv/bin/python"), "manage.py", "migrate", "-v", "0"], cwd=REPO, env=env, check=True)
+    proc = subprocess.Popen(["scripts/run.sh"], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        health = None
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert health is not None and health.status_code == 200
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()
+        assert ready["checks"]["database"]["ok"] and ready["checks"]["redis"]["ok"]
+        # The inference worker answers pings through this instance's own Redis (port + 10000).
+        assert "worker" in ready, ready
+        started = descendants(proc.pid)
+        names = " ".join(started.values())
+        for expected in ("redis-server", "daphne", "r3mes worker", "celery -A r3mes_site worker", "celery -A r3mes_site beat"):
+            assert expected in names
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-3000:]
+    time.sleep(0.5)
+    assert [args for pid, args in started.items() if alive(pid)] == []
