@@ -192,6 +192,8 @@ def test_leaderboard_and_dashboard_render(client, round_obj):
     assert page.status_code == 200 and b"node:x" in page.content and b"0.2500" in page.content
     dashboard = client.get(reverse("mining"))
     assert dashboard.status_code == 200 and f"#{round_obj.pk}".encode() in dashboard.content
+    for name in ("mining-ledger", "mining-models"):  # the chain pages, linked because they resolve
+        assert f'href="{reverse(name)}"'.encode() in dashboard.content
     progress = client.get(reverse("mining-round-progress", args=[round_obj.pk]))
     assert progress.status_code == 200 and b"0 / 2" in progress.content
 
