@@ -57,13 +57,15 @@ def poisoned_adapter(rank, alpha):
         return training.pack_dir(tmp)
 
 
+# Real training on a shared 2-core VM: minutes under load, so more than the default 600 s budget.
+@pytest.mark.timeout(1800)
 @pytest.mark.django_db(transaction=True)
 def test_a_round_trains_every_shard_rejects_the_poisoner_and_yields_a_candidate_adapter(
         eager_celery, settings, alice, api_client):
     settings.MINING_MAX_EVAL_EXAMPLES = 3
     dataset = actions.do_upload_dataset(alice, name="facts", expert="general", fmt="jsonl", data=DATA)
     dataset.approve()
-    round_obj = actions.do_open_round(alice, dataset, shards=3, rank=4, alpha=8.0, lr=5e-3, steps=2, batch_size=2,
+    round_obj = actions.do_open_round(alice, dataset, shards=2, rank=4, alpha=8.0, lr=5e-3, steps=2, batch_size=2,
                                       seed=1, target_modules=TARGETS, method="median", eval_fraction=0.2)
 
     # An external miner submits a poisoned update for shard 0 while the round is open.
@@ -73,13 +75,13 @@ def test_a_round_trains_every_shard_rejects_the_poisoner_and_yields_a_candidate_
         "metadata": json.dumps({"shard": 0, "sha256": hashlib.sha256(poison).hexdigest(), "examples": 3})})
     assert response.status_code == 201, response.content
 
-    actions.do_start_round(round_obj)  # eager: prepare → 3 shard trainings → aggregation
+    actions.do_start_round(round_obj)  # eager: prepare → 2 shard trainings → aggregation
 
     round_obj.refresh_from_db()
     assert round_obj.status == Round.Status.DONE, round_obj.error
     assert round_obj.baseline_eval_loss is not None and round_obj.base_cid
     local = list(Submission.objects.filter(round=round_obj, miner_key="node:local").order_by("shard"))
-    assert [s.shard for s in local] == [0, 1, 2]
+    assert [s.shard for s in local] == [0, 1]
     for sub in local:
         assert sub.status == "accepted", (sub.reason, round_obj.report)
         assert len(sub.train_losses) == 2 and sub.eval_loss is not None
@@ -94,7 +96,7 @@ def test_a_round_trains_every_shard_rejects_the_poisoner_and_yields_a_candidate_
     assert round_obj.merkle_root == merkle_root(sorted(s.blob_cid for s in local))
     adapter = round_obj.result
     assert adapter.status == Adapter.Status.CANDIDATE and adapter.expert == "general" and adapter.version == 1
-    assert adapter.metrics["eval_loss"] > 0 and adapter.metrics["included"] == 3
+    assert adapter.metrics["eval_loss"] > 0 and adapter.metrics["included"] == 2
     assert adapter.rank == round_obj.report["rank"]
     assert blobstore.exists(adapter.blob_cid)
     # The candidate is a valid PEFT DoRA adapter the engine loads; once approved it is servable.
@@ -119,20 +121,20 @@ def test_a_round_trains_every_shard_rejects_the_poisoner_and_yields_a_candidate_
     assert Adapter.servable()["general"] == adapter
 
     scores = {s.miner_key: s for s in MinerScore.objects.all()}
-    assert scores["node:local"].accepted == 3 and scores[f"user:{alice.pk}"].rejected == 1
+    assert scores["node:local"].accepted == 2 and scores[f"user:{alice.pk}"].rejected == 1
     assert scores["node:local"].ema_improvement > scores[f"user:{alice.pk}"].ema_improvement
 
     # The ledger holds the round's story, ending with the adapter's approval.
     from mining.models import Transaction
 
     types = list(Transaction.objects.values_list("tx_type", flat=True))
-    assert types.count("submission") == 4 and "round_opened" in types and "adapter_approved" in types
+    assert types.count("submission") == 3 and "round_opened" in types and "adapter_approved" in types
     assert Transaction.objects.get(tx_type="aggregation").payload["merkle_root"] == round_obj.merkle_root
 
     # Idempotent: replaying the tasks changes nothing.
     assert actions.do_train_shard(round_obj.pk, 0) is None
     assert actions.do_aggregate_round(round_obj.pk) is None
-    assert Submission.objects.filter(round=round_obj).count() == 4 and Adapter.objects.count() == 1
+    assert Submission.objects.filter(round=round_obj).count() == 3 and Adapter.objects.count() == 1
 
     page = api_client.get(reverse("mining-round", args=[round_obj.pk]))
     assert b"<polyline" in page.content and b"update norm" in page.content and round_obj.merkle_root.encode() in page.content
