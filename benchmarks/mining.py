@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--sizes", default="10,50,200")
     parser.add_argument("--skip-robustness", action="store_true")
+    parser.add_argument("--reuse", help="directory of an earlier run (base/, s0/…): skip training, reuse its shards")
+    parser.add_argument("--skip-timings", action="store_true", help="skip the aggregation timings")
     args = parser.parse_args()
     torch.set_num_threads(args.agg_threads)
     from django.conf import settings
@@ -116,8 +118,8 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
     print("| method | " + " | ".join(f"n={n}" for n in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
-    subs = {n: synthetic(n) for n in sizes}
-    for method in METHODS:
+    subs = {n: synthetic(n) for n in sizes} if not args.skip_timings else {}
+    for method in METHODS if not args.skip_timings else []:
         times = []
         for n in sizes:
             start, cpu = time.perf_counter(), time.process_time()
@@ -134,12 +136,17 @@ def main():
     config = TrainConfig(rank=8, alpha=16, lr=3e-3, steps=args.steps, batch_size=4, seed=0, target_modules=TARGETS)
     base_name = "bench-base"
     engine.new_adapter(base_name, 8, 16, TARGETS, seed=0)
-    tmp = Path(tempfile.mkdtemp())
-    engine.save_adapter(base_name, tmp / "base")
+    tmp = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp())
+    print(f"shard adapters in {tmp}")
+    if not args.reuse:
+        engine.save_adapter(base_name, tmp / "base")
     engine.unload_adapter(base_name)
     base_state, base_config = training.unpack(training.pack_dir(tmp / "base"))
     honest, speeds = [], []
     for k, shard in enumerate(shards):
+        if args.reuse:
+            honest.append(training.unpack(training.pack_dir(tmp / f"s{k}")))
+            continue
         start, cpu = time.perf_counter(), time.process_time()
         result = train_dora(engine, shard, config, adapter=f"bench-{k}", init_from=tmp / "base",
                             save_to=tmp / f"s{k}")
@@ -152,8 +159,9 @@ def main():
               flush=True)
         if args.skip_robustness:
             break
-    print(f"\n## Training: {sum(speeds) / len(speeds):.3f} steps/s (batch 4, rank 8, targets q,v, "
-          f"SmolLM2-135M fp32)")
+    if speeds:
+        print(f"\n## Training: {sum(speeds) / len(speeds):.3f} steps/s (batch 4, rank 8, targets q,v, "
+              f"SmolLM2-135M fp32)")
     if args.skip_robustness:
         return
 
