@@ -1,7 +1,23 @@
+import math
+
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models, transaction
+from django.db.models import F
 from django.utils import timezone
+
+from . import blobstore
+
+# Keys are mining.aggregation.METHODS (a test keeps them in step; torch is not imported here).
+METHOD_CHOICES = [
+    ("mean", "Mean weighted by examples"),
+    ("trimmed_mean", "Trimmed mean (beta 0.2)"),
+    ("median", "Coordinate-wise median"),
+    ("krum", "Krum"),
+    ("multi_krum", "Multi-Krum"),
+]
+
+# --- Datasets and rounds ---
 
 
 class Dataset(models.Model):
@@ -44,6 +60,195 @@ class Dataset(models.Model):
     def reject(self):
         self.status = self.Status.REJECTED
         self.save(update_fields=["status"])
+
+    @property
+    def is_minable(self):
+        return self.status == self.Status.APPROVED
+
+    def load_examples(self):
+        """The examples, parsed again from the verified blob (raises blobstore errors if corrupt)."""
+        from .datasets import parse_dataset
+
+        return parse_dataset(blobstore.read_bytes(self.blob_cid), self.format)
+
+    def preview(self, limit=20):
+        return self.load_examples()[:limit]
+
+
+class Round(models.Model):
+    """One mining round: shards of an approved dataset trained into DoRA updates for an expert,
+    then aggregated once into a candidate adapter version."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        TRAINING = "training"
+        AGGREGATING = "aggregating"
+        DONE = "done"
+        FAILED = "failed"
+
+    expert = models.SlugField(max_length=40)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="rounds")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    shards = models.PositiveSmallIntegerField(default=2)
+    rank = models.PositiveSmallIntegerField(default=8)
+    alpha = models.FloatField(default=16.0)
+    lr = models.FloatField(default=1e-3)
+    steps = models.PositiveIntegerField(default=20)
+    batch_size = models.PositiveSmallIntegerField(default=4)
+    seed = models.PositiveIntegerField(default=0)
+    target_modules = models.JSONField(default=list)
+    method = models.CharField(max_length=20, choices=METHOD_CHOICES, default="trimmed_mean")
+    output_rank = models.PositiveSmallIntegerField(
+        default=0, help_text="Rank of the aggregated adapter; 0 keeps the exact stacked/SVD result")
+    eval_fraction = models.FloatField(default=0.1)
+    train_locally = models.BooleanField(default=True, help_text="This node's Celery workers train every shard")
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.OPEN, db_index=True)
+    error = models.TextField(blank=True)
+    base_adapter = models.ForeignKey("inference.Adapter", null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+", help_text="Approved adapter the shards start from")
+    base_cid = models.CharField(max_length=100, blank=True, help_text="Packed starting adapter (blob)")
+    baseline_eval_loss = models.FloatField(null=True, blank=True)
+    merkle_root = models.CharField(max_length=64, blank=True)
+    report = models.JSONField(default=dict, blank=True)
+    result = models.ForeignKey("inference.Adapter", null=True, blank=True, on_delete=models.SET_NULL,
+                               related_name="rounds")
+    created = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self):
+        return f"round {self.pk} ({self.expert})"
+
+    @property
+    def scaling(self):
+        return self.alpha / self.rank
+
+    def accepts_submissions(self):
+        return self.status in (self.Status.OPEN, self.Status.TRAINING)
+
+    def split(self, examples):
+        """Deterministic split by the round's seed: (eval examples, [shard examples...]). Every
+        node computes the same split from the dataset blob, so external miners can train theirs."""
+        import random
+
+        order = list(range(len(examples)))
+        random.Random(self.seed).shuffle(order)
+        n_eval = max(1, int(len(examples) * self.eval_fraction)) if len(examples) > self.shards else 0
+        eval_part = [examples[i] for i in order[:n_eval]]
+        rest = order[n_eval:]
+        return eval_part, [[examples[i] for i in rest[k::self.shards]] for k in range(self.shards)]
+
+    def _transition(self, source, target, **fields):
+        """Conditional UPDATE: True only for the one caller that moved the round (row count 1)."""
+        sources = source if isinstance(source, (list, tuple)) else [source]
+        moved = Round.objects.filter(pk=self.pk, status__in=sources).update(status=target, **fields)
+        if moved:
+            self.refresh_from_db()
+        return bool(moved)
+
+    def start_training(self):
+        return self._transition(self.Status.OPEN, self.Status.TRAINING, started_at=timezone.now())
+
+    def claim_aggregation(self):
+        return self._transition(self.Status.TRAINING, self.Status.AGGREGATING)
+
+    def fail(self, reason):
+        return self._transition([self.Status.OPEN, self.Status.TRAINING, self.Status.AGGREGATING],
+                                self.Status.FAILED, error=reason[:4000], finished_at=timezone.now())
+
+    def shards_done(self):
+        return set(self.submissions.values_list("shard", flat=True))
+
+    def can_aggregate(self):
+        """Every shard has a submission: from this node when it trains locally, else from anyone."""
+        subs = self.submissions.all()
+        if self.train_locally:
+            subs = subs.filter(miner_key=local_miner_key())
+        return self.status == self.Status.TRAINING and len(set(subs.values_list("shard", flat=True))) >= self.shards
+
+
+def local_miner_key():
+    return f"node:{settings.MINING_NODE_NAME}"
+
+
+class Submission(models.Model):
+    """One trained shard update: a packed adapter blob from a miner (a user or a node)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"  # valid, waiting for aggregation
+        ACCEPTED = "accepted"  # included in the aggregate
+        REJECTED = "rejected"
+
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="submissions")
+    shard = models.PositiveSmallIntegerField()
+    miner_key = models.CharField(max_length=120, help_text="'user:<id>' or 'node:<name>'")
+    miner_name = models.CharField(max_length=150)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    blob_cid = models.CharField(max_length=100, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    examples = models.PositiveIntegerField(default=0)
+    train_losses = models.JSONField(default=list, blank=True)
+    eval_loss = models.FloatField(null=True, blank=True)
+    seconds = models.FloatField(default=0)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    reason = models.TextField(blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["round", "shard", "created"]
+        constraints = [models.UniqueConstraint(fields=["round", "shard", "miner_key"], name="unique_round_shard_miner")]
+
+    def __str__(self):
+        return f"{self.miner_name} shard {self.shard} of round {self.round_id}"
+
+    @property
+    def improvement(self):
+        if self.eval_loss is None or self.round.baseline_eval_loss is None:
+            return None
+        return self.round.baseline_eval_loss - self.eval_loss
+
+
+class MinerScore(models.Model):
+    """Per miner: accepted/rejected counts and an EMA of eval-loss improvement (Bittensor-style)."""
+
+    miner_key = models.CharField(max_length=120, unique=True)
+    miner_name = models.CharField(max_length=150)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    accepted = models.PositiveIntegerField(default=0)
+    rejected = models.PositiveIntegerField(default=0)
+    ema_improvement = models.FloatField(null=True, blank=True)
+    rounds = models.PositiveIntegerField(default=0)
+    updated = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = [F("ema_improvement").desc(nulls_last=True), "-accepted"]
+
+    def __str__(self):
+        return self.miner_name
+
+    @classmethod
+    def record(cls, submission):
+        """Counts one aggregated submission; EMA over the submissions that have an eval loss."""
+        score, _ = cls.objects.select_for_update().get_or_create(
+            miner_key=submission.miner_key,
+            defaults={"miner_name": submission.miner_name, "user": submission.user})
+        if submission.status == Submission.Status.ACCEPTED:
+            score.accepted += 1
+        else:
+            score.rejected += 1
+        improvement = submission.improvement
+        if improvement is not None and math.isfinite(improvement):
+            a = settings.MINING_SCORE_EMA_ALPHA
+            score.ema_improvement = (improvement if score.ema_improvement is None
+                                     else a * improvement + (1 - a) * score.ema_improvement)
+        score.rounds += 1
+        score.updated = timezone.now()
+        score.save()
+        return score
 
 
 class ModelVersion(models.Model):

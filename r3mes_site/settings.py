@@ -470,3 +470,16 @@ R3MES_ROUTER_SEMANTIC_FLOOR = env_float("R3MES_ROUTER_SEMANTIC_FLOOR", 0.0)
 R3MES_ROUTER_SEMANTIC_CEIL = env_float("R3MES_ROUTER_SEMANTIC_CEIL", 0.5)
 if R3MES_ROUTER_SEMANTIC_CEIL <= R3MES_ROUTER_SEMANTIC_FLOOR:
     fail("R3MES_ROUTER_SEMANTIC_CEIL", f"must be above R3MES_ROUTER_SEMANTIC_FLOOR ({R3MES_ROUTER_SEMANTIC_FLOOR})")
+
+# --- Mining: datasets, rounds, aggregation ------------------------------------------------------
+
+MINING_NODE_NAME = env_str("MINING_NODE_NAME", "local")  # miner name of this node's own shard training
+MINING_MAX_DATASET_BYTES = env_int("MINING_MAX_DATASET_BYTES", 20 * 1024 * 1024, minimum=1)
+MINING_MAX_DATASET_EXAMPLES = env_int("MINING_MAX_DATASET_EXAMPLES", 100_000, minimum=1)
+MINING_MAX_SUBMISSION_BYTES = env_int("MINING_MAX_SUBMISSION_BYTES", 200 * 1024 * 1024, minimum=1)
+MINING_PREVIEW_EXAMPLES = env_int("MINING_PREVIEW_EXAMPLES", 20, minimum=1)
+MINING_SCORE_EMA_ALPHA = env_float("MINING_SCORE_EMA_ALPHA", 0.3, minimum=0.0)
+MINING_MIN_STAKE_TO_OPEN_ROUND = env_decimal("MINING_MIN_STAKE_TO_OPEN_ROUND", "1")
+MINING_MAX_EVAL_EXAMPLES = env_int("MINING_MAX_EVAL_EXAMPLES", 64, minimum=1)
+MINING_ROUND_TIMEOUT = env_int("MINING_ROUND_TIMEOUT", 6 * 3600, minimum=60)
+CELERY_BEAT_SCHEDULE["mining-expire-stuck-rounds"] = {"task": "mining.tasks.expire_stuck_rounds", "schedule": 600.0}
