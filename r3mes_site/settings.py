@@ -330,6 +330,7 @@ LOGGING = {
         "django.db.backends": {"level": "INFO"},
         "daphne": {"level": "INFO"},
         "faiss.loader": {"level": "WARNING"},
+        "bm25s": {"level": "WARNING"},
     },
 }
 

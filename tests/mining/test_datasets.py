@@ -113,3 +113,20 @@ def test_dataset_approval_makes_it_minable(alice):
     dataset.refresh_from_db()
     assert dataset.is_minable and dataset.approved_at is not None
     assert len(dataset.load_examples()) == 3
+
+
+def test_demo_seeds_one_pending_dataset_that_governance_can_target(alice, bob):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from governance.models import Proposal
+    from mining.models import Dataset
+
+    out = StringIO()
+    call_command("r3mes", "demo", stdout=out)
+    call_command("r3mes", "demo", stdout=out)
+    dataset = Dataset.objects.get(name="Coding starter examples")
+    assert dataset.status == "pending" and dataset.examples >= 40
+    proposal = Proposal.objects.get()
+    assert proposal.kind == "dataset" and proposal.target_id == dataset.pk and proposal.status == "voting"
