@@ -44,3 +44,15 @@ def fresh_channel_layers():
     channel_layers.backends.clear()
     yield
     channel_layers.backends.clear()
+
+
+@pytest.fixture(autouse=True)
+def fresh_rate_limits():
+    """Rate-limit buckets live in the session's Redis keyed by user id, and ids repeat between
+    tests (each test's rows are rolled back); start every test with full buckets."""
+    from r3mes_site.api import redis_client
+
+    client = redis_client()
+    keys = list(client.scan_iter("r3mes:rl:*"))
+    if keys:
+        client.delete(*keys)
