@@ -35,6 +35,18 @@ def unpack_ternary(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return torch.cat(blocks, dim=0).to(dtype) - 1
 
 
+_SHIFTS = {}
+
+
+def unpack_ternary_int8(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out/4, in] -> int8 ternary [out, in] in one broadcast shift, mask and subtract."""
+    shifts = _SHIFTS.get(packed.device)
+    if shifts is None:
+        shifts = _SHIFTS[packed.device] = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)[:, None, None]
+    w = (packed.unsqueeze(0) >> shifts) & 3  # [4, out/4, in]: block i = rows i*out/4 ...
+    return w.view(torch.int8).sub_(1).reshape(-1, packed.shape[-1])
+
+
 def absmean_ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet b1.58 weight quantiser: per-tensor absmean scale, round-and-clip to {-1, 0, 1}.
 
@@ -76,6 +88,12 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 class BitLinear(nn.Module):
     """Frozen ternary linear layer (weights are buffers: nothing here is trainable)."""
 
+    # Inference on CPU through the int8 kernel (W2A8; Engine.load(quant="int8") on a ternary
+    # checkpoint turns it on). Off by default: the float path reproduces transformers' arithmetic
+    # order, so logits match its BitNet model to 1e-6; the exact integer product differs from that
+    # float rounding and, through a flipped activation rounding, by up to ~5e-3 in logits.
+    int8_kernel = False
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None,
                  divide_scale: bool = False):
         super().__init__()
@@ -113,12 +131,32 @@ class BitLinear(nn.Module):
         return unpack_ternary(self.weight, dtype) * self.weight_scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_kernel and not torch.is_grad_enabled() and x.device.type == "cpu":
+            return self._forward_int8(x)
         w = unpack_ternary(self.weight, x.dtype)  # [out, in] in {-1, 0, 1}
         if self.divide_scale:
             xq, x_scale = quantize_activations_int(x)  # integer levels: the matmul is exact
             y = F.linear(xq, w) / (self.weight_scale.to(x.dtype) * x_scale)
         else:
             y = F.linear(quantize_activations(x), w) * self.weight_scale.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference on CPU: int8 activation levels x ternary weights unpacked to int8 per call
+        (three vectorised ops on the packed bytes; only the 2-bit form stays resident) and one
+        int8 x int8 -> int32 matmul. The integer product is exact, so this equals the float path
+        up to the float rounding of the final scaling."""
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1]).float()
+        x_scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)  # [M, 1]
+        xq = (xf * x_scale).round_().clamp_(-128, 127).to(torch.int8)
+        w = unpack_ternary_int8(self.weight)  # [out, in] int8
+        acc = torch._int_mm(xq, w.t()).float()  # [M, out] exact integer sums
+        ws = self.weight_scale.float()
+        y = acc / (ws * x_scale) if self.divide_scale else acc * (ws / x_scale)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y

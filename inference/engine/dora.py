@@ -39,6 +39,7 @@ class AdapterContext:
         self.names: list[str] = []
         self.active: torch.Tensor | None = None  # [n] indices into `names` used by this batch
         self.weights: torch.Tensor | None = None  # [B, n] mixture over the active adapters
+        self.rest: torch.Tensor | None = None  # [B, 1] = 1 - sum(weights): backbone share of adapter-free rows
         self.training: str | None = None  # adapter trained live (norm recomputed, detached)
 
     def set_mixture(self, mixture: torch.Tensor | None) -> None:
@@ -50,6 +51,7 @@ class AdapterContext:
             self.active = self.weights = None
             return
         self.active, self.weights = used, mixture[:, used]
+        self.rest = 1 - self.weights.sum(-1, keepdim=True)
 
 
 @dataclass
@@ -87,7 +89,7 @@ class DoraLinear(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.context = context
-        self.stack_A = self.stack_B = self.stack_g = None
+        self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
 
     # -- adapter bookkeeping -------------------------------------------------------------------
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float) -> None:
@@ -118,9 +120,12 @@ class DoraLinear(nn.Module):
         """
         names = self.context.names
         if not names:
-            self.stack_A = self.stack_B = self.stack_g = None
+            self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
             return
-        dtype = dense_weight(self.base_layer).dtype
+        base = self.base_layer
+        # The stacks follow the activations' dtype: the weight's for dense layers, the scale's for
+        # BitLinear, float32 for the weight-only quantised ones (they take and return it).
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) else getattr(base, "weight_scale", torch.ones(1)).dtype
         dev = self.lora_A[next(iter(self.lora_A))].device if len(self.lora_A) else None
         r_max = max([self.lora_A[n].shape[0] for n in names if n in self.lora_A] or [1])
         A = torch.zeros(len(names), r_max, self.in_features, device=dev)
@@ -135,6 +140,9 @@ class DoraLinear(nn.Module):
             A[i, :r] = self.lora_A[n]
             B[i, :, :r] = self.lora_B[n] * (g[i] * self.scaling[n])[:, None]
         self.stack_A, self.stack_B, self.stack_g = A.to(dtype), B.to(dtype), g.to(dtype)
+        # Flattened over (adapter, rank) for the two-matmul forward: A [N*r, in], B [N*r, out].
+        self.flat_A = self.stack_A.flatten(0, 1)
+        self.flat_B = self.stack_B.transpose(1, 2).flatten(0, 1).contiguous()
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,12 +156,20 @@ class DoraLinear(nn.Module):
         if bias is not None:
             y = y - bias
         w = ctx.weights.to(x.dtype)  # [B, n]
-        A, Bg, g = self.stack_A[ctx.active], self.stack_B[ctx.active], self.stack_g[ctx.active]
+        if ctx.active.numel() == self.stack_A.shape[0]:  # every resident adapter in use: no gather
+            A, Bg, g = self.flat_A, self.flat_B, self.stack_g
+        else:
+            A = self.stack_A[ctx.active].flatten(0, 1)
+            Bg = self.stack_B[ctx.active].transpose(1, 2).flatten(0, 1)
+            g = self.stack_g[ctx.active]
+        B_, T, n, r = x.shape[0], x.shape[1], w.shape[1], self.stack_A.shape[1]
         # Rows that use no adapter weigh the backbone by 1.
-        g_mix = w @ g + (1 - w.sum(-1, keepdim=True))  # [B, out]
-        xa = torch.einsum("bti,nri->btnr", x, A)  # [B, T, n, r]
-        low = torch.einsum("btnr,bn,nor->bto", xa, w, Bg)  # [B, T, out]
-        y = g_mix[:, None, :] * y + low
+        g_mix = torch.addmm(ctx.rest.to(x.dtype), w, g)  # [B, out]
+        # Two matmuls for all adapters and sequences: x A^T -> [B, T, n*r], weighted per sequence
+        # and adapter, then one product with the stacked (g*s)-scaled B factors.
+        xa = (x @ A.t()).view(B_, T, n, r) * w[:, None, :, None]
+        low = xa.view(B_, T, n * r) @ Bg  # [B, T, out]
+        y = torch.addcmul(low, g_mix[:, None, :], y)
         return y if bias is None else y + bias
 
     def _forward_live(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:

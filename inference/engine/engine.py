@@ -13,6 +13,8 @@ from .errors import AdapterError, ContextLengthExceeded, EngineError
 from .generate import Batch, SamplingParams, Sequence, generate
 from .loaders import load_model, prepare_default_model
 from .model import Transformer
+from .bitlinear import BitLinear
+from .speed import QUANT_MODES, optimize_model
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -55,13 +57,34 @@ class Engine:
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, dtype="float32", device="cpu", ternary: bool = False,
-             cache_dir: str | os.PathLike | None = None) -> "Engine":
-        """Load a .gguf file or HF dir; with no path, the default model (converted once, cached)."""
+             cache_dir: str | os.PathLike | None = None, quant: str | None = None, fuse: bool = True) -> "Engine":
+        """Load a .gguf file or HF dir; with no path, the default model (converted once, cached).
+
+        `quant`: None (exact, in `dtype`), "int8" or "int4" weight-only (CPU kernels; lm_head
+        included; see benchmarks/RESULTS.md "Engine speed" for speed and quality of each).
+        `fuse`: one q|k|v and one gate|up product per layer (same logits; adapters still apply).
+        """
         start = time.perf_counter()
         torch_dtype, torch_device = _resolve_dtype(dtype), _resolve_device(device)
+        if quant in ("", "none", "None", "float32", "fp32", "bfloat16", "bf16"):
+            quant = None  # a settings string naming a float precision means "no weight quantisation"
+        if quant not in QUANT_MODES:
+            raise EngineError(f"quant {quant!r} is not supported (None, 'int8', 'int4')")
+        if quant is not None and torch_device.type != "cpu":
+            raise EngineError(f"quant={quant!r} uses PyTorch's CPU kernels; device {torch_device} is not supported")
         if path is None:
             path = prepare_default_model(cache_dir)
         model, tokenizer = load_model(path, torch_dtype, torch_device, ternary=ternary)
+        if quant is not None and model.config.ternary:
+            if quant != "int8":
+                raise EngineError(f"quant={quant!r} applies to dense checkpoints; {path} is ternary (2-bit packed): "
+                                  "use quant='int8' (int8 activations x packed ternary weights) or None")
+            for module in model.modules():
+                if isinstance(module, BitLinear):
+                    module.int8_kernel = True
+            model.quant = "ternary-int8"
+        else:
+            optimize_model(model, quant=quant, fuse=fuse)
         return cls(model, tokenizer, str(path), torch_dtype, torch_device, time.perf_counter() - start)
 
     # -- text ----------------------------------------------------------------------------------
@@ -181,11 +204,16 @@ class Engine:
     # -- reporting -----------------------------------------------------------------------------
     def capabilities(self) -> dict:
         cfg = self.config
-        n_params = sum(p.numel() for n, p in self.model.named_parameters() if ".lora_" not in n)
-        n_params += sum(b.numel() * (4 if b.dtype == torch.uint8 else 1)
-                        for n, b in self.model.named_buffers() if n.endswith("proj.weight"))
-        tensors = {t.data_ptr(): t for t in self.model.state_dict().values()}  # tied weights count once
-        weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        fused = ("qkv_proj.", "gate_up_proj.")  # row views of these are counted as q/k/v, gate/up
+        n_params = sum(p.numel() for n, p in self.model.named_parameters()
+                       if ".lora_" not in n and not any(f in n for f in fused))
+        for n, m in self.model.named_modules():  # packed/quantised linears hold weights in buffers
+            if hasattr(m, "dense_weight") and not any(n.endswith(f[:-1]) for f in fused):
+                if not (n == "lm_head" and cfg.tie_embeddings):
+                    n_params += m.in_features * m.out_features
+        # Tied weights and the row views of fused projections share storage: count each storage once.
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.model.state_dict().values()}
+        weight_bytes = sum(storages.values())
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             memory = {"device_total_bytes": total, "device_free_bytes": free}
@@ -205,7 +233,8 @@ class Engine:
             "vocab_size": cfg.vocab_size,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "precision": str(self.dtype).removeprefix("torch."),
+            "precision": getattr(self.model, "quant", None) or str(self.dtype).removeprefix("torch."),
+            "quant": getattr(self.model, "quant", None),
             "backend": "pytorch-cuda" if self.device.type == "cuda" else "pytorch-cpu",
             "threads": torch.get_num_threads(),
             "memory": memory,

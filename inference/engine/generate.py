@@ -65,7 +65,7 @@ def prefill(model, tokens: torch.Tensor, slot: int, mixture: torch.Tensor | None
     input_pos = torch.arange(T, device=tokens.device)[None]  # [1, T]
     slots = torch.tensor([slot], device=tokens.device)
     mix = None if mixture is None else mixture[None]
-    return model(tokens[None], input_pos=input_pos, slots=slots, mixture=mix)[0, -1]
+    return model(tokens[None], input_pos=input_pos, slots=slots, mixture=mix, last_only=True)[0, -1]
 
 
 def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor,

@@ -80,6 +80,16 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
+def lowrank_active(*modules: nn.Module) -> bool:
+    """True when one of these projections is a DoRA wrapper whose adapters take part in this
+    forward; then the per-projection path runs (fused products carry no adapter paths)."""
+    for m in modules:
+        ctx = getattr(m, "context", None)
+        if ctx is not None and (ctx.weights is not None or (ctx.training is not None and ctx.training in m.lora_A)):
+            return True
+    return False
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -102,12 +112,41 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+    def update(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+               plan: "StepPlan | None" = None):
         # slots [B], input_pos [B, T], k/v [B, Hkv, T, hd] -> cached k/v [B, Hkv, length, hd]
+        if plan is not None and plan.slot_start is not None:
+            s0, s1 = plan.slot_start, plan.slot_start + k.shape[0]
+            if plan.pos_start is not None:  # every row writes the same contiguous positions
+                p0, p1 = plan.pos_start, plan.pos_start + k.shape[2]
+                self.k_cache[s0:s1, :, p0:p1] = k
+                self.v_cache[s0:s1, :, p0:p1] = v
+            else:
+                rows = torch.arange(s0, s1, device=k.device)[:, None]
+                self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
+                self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+            # Contiguous slots: attend over a view of the cache instead of gathering a copy of it.
+            return self.k_cache[s0:s1, :, :length], self.v_cache[s0:s1, :, :length]
         rows = slots[:, None]  # [B, 1] broadcasts against input_pos [B, T]
         self.k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, hd]
         self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
         return self.k_cache[slots, :, :length], self.v_cache[slots, :, :length]
+
+
+class StepPlan:
+    """What one cached forward can decide once instead of per layer: whether the batch's KV slots
+    are a contiguous range (cache views, no gathers) and whether every row writes the same
+    contiguous positions (slice writes; with one row or equal positions no mask is needed)."""
+
+    __slots__ = ("slot_start", "pos_start")
+
+    def __init__(self, slots: torch.Tensor, input_pos: torch.Tensor):
+        s = slots.tolist()
+        self.slot_start = s[0] if s == list(range(s[0], s[0] + len(s))) else None
+        p = input_pos.tolist()
+        first = p[0]
+        same = all(row == first for row in p) and first == list(range(first[0], first[0] + len(first)))
+        self.pos_start = first[0] if same else None
 
 
 class Attention(nn.Module):
@@ -121,19 +160,31 @@ class Attention(nn.Module):
         # BitNet normalises the attention output before the (ternary) output projection.
         self.attn_sub_norm = RMSNorm(cfg.n_heads * cfg.head_dim, cfg.norm_eps) if cfg.arch == "bitnet" else None
         self.kv_cache: KVCache | None = None
+        self.qkv_proj: nn.Module | None = None  # set by speed.fuse_projections (rows q|k|v)
 
-    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0):
+    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is not None and not lowrank_active(self.q_proj, self.k_proj, self.v_proj):
+            # One fused product for q|k|v, and RoPE applied to q and k in one go.
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd)
+            qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H+Hkv, T, hd]
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, :, H + Hkv :].transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
+            k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, hd]
+            v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            k, v = self.kv_cache.update(slots, input_pos, k, v, kv_len)  # [B, Hkv, L, hd]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            k, v = self.kv_cache.update(slots, input_pos, k, v, kv_len, plan)  # [B, Hkv, L, hd]
+            if mask is None and T > 1:  # one prompt from position 0: plain causal attention
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*hd]
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # [B, T, H*hd]
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
         return self.o_proj(y)
@@ -147,8 +198,14 @@ class MLP(nn.Module):
         self.down_proj = make_linear(cfg, cfg.hidden_dim, cfg.dim)
         self.bitnet = cfg.arch == "bitnet"
         self.ffn_sub_norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps) if self.bitnet else None
+        self.gate_up_proj: nn.Module | None = None  # set by speed.fuse_projections (rows gate|up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None and not lowrank_active(self.gate_proj, self.up_proj):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            if self.bitnet:
+                return self.down_proj(self.ffn_sub_norm(F.relu(gate).square() * up))
+            return self.down_proj(F.silu(gate) * up)
         if self.bitnet:
             h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)  # [B, T, hidden]
             return self.down_proj(self.ffn_sub_norm(h))
@@ -163,8 +220,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, input_pos, kv_len)
+    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, input_pos, kv_len, plan)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -204,8 +261,9 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
         self.max_batch, self.cache_len = max_batch, max_seq_len
 
-    def forward(self, tokens, input_pos=None, slots=None, mixture=None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (float32).
+    def forward(self, tokens, input_pos=None, slots=None, mixture=None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (float32); [B, 1, V] with `last_only` (prefill needs
+        only the last position, and the vocabulary product is the largest one in the model).
 
         Without `input_pos` this is a full causal forward with no cache (scoring, training).
         With `input_pos` [B, T] and `slots` [B], keys/values go to (and come from) the KV cache.
@@ -213,21 +271,29 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)  # [B, T, D]
-        mask, kv_len = None, 0
+        mask, kv_len, plan = None, 0, None
         if input_pos is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         else:
             positions = input_pos
+            plan = StepPlan(slots, input_pos)
             kv_len = int(input_pos.max()) + 1
-            key_pos = torch.arange(kv_len, device=tokens.device)
-            mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
+            # Rows that all write the same positions starting right after their history (one
+            # sequence, or a batch in lockstep) need no mask: decode sees every cached key, a
+            # prompt from position 0 is plain causal. Anything else gets the explicit mask.
+            lockstep = plan.pos_start is not None and (T == 1 or plan.pos_start == 0)
+            if not lockstep:
+                key_pos = torch.arange(kv_len, device=tokens.device)
+                mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
         cos, sin = self.rope(positions, x.dtype)
         ctx = self.adapter_context
         if ctx is not None:
             ctx.set_mixture(mixture)
         try:
             for layer in self.model.layers:
-                x = layer(x, cos, sin, mask, slots, input_pos, kv_len)
+                x = layer(x, cos, sin, mask, slots, input_pos, kv_len, plan)
+            if last_only:
+                x = x[:, -1:]
             x = self.model.norm(x)
             return self.lm_head(x).float()
         finally:

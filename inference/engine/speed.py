@@ -1,0 +1,217 @@
+"""Speed passes applied at load: fused projections and weight-only quantisation (gpt-fast style).
+
+Both walk the module tree and swap modules; the decoder's forward does not change shape, and DoRA
+keeps working because every backbone linear still answers `dense_weight()` (the W0 its norms
+need) and the per-projection modules stay where adapters expect them (HF module paths).
+
+- `fuse_projections`: one `qkv_proj` (rows q|k|v) and one `gate_up_proj` (rows gate|up) per layer.
+  The per-projection modules become row *views* of the fused weight (no second copy), and are
+  used only when a DoRA adapter takes part in the forward (its low-rank paths are per projection).
+- `quantize_model(model, "int8" | "int4")`: every decoder projection and the lm_head become
+  weight-only quantised linears on PyTorch's CPU kernels (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`). Activations enter those kernels in bfloat16 (the kernels'
+  fast path here; float32 activations take a scalar path that is 10-100x slower) and the result
+  is cast back, so the rest of the model (norms, attention, residual stream) keeps its dtype.
+  The embedding lookup stays exact (it reads one row per token).
+"""
+
+import torch
+import torch.nn as nn
+
+INT4_GROUP_SIZE = 32
+QUANT_MODES = (None, "int8", "int4")
+
+
+class Int8Linear(nn.Module):
+    """W ~= q * scale per output row, q int8 (symmetric absmax)."""
+
+    def __init__(self, weight_q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight_q.shape
+        self.register_buffer("weight", weight_q)  # int8 [out, in]
+        self.register_buffer("scales", scales)  # bf16 [out]
+        self.register_buffer("bias", bias)  # None registers nothing and reads back as None
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        w = w.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return cls(q, scales.to(torch.bfloat16), None if bias is None else bias.detach().clone())
+
+    def rows(self, start: int, end: int) -> "Int8Linear":
+        """Output rows [start, end) as a module sharing this one's storage."""
+        return Int8Linear(self.weight[start:end], self.scales[start:end],
+                          None if self.bias is None else self.bias[start:end])
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scales)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+class Int4Linear(nn.Module):
+    """W ~= (q - 8) * scale + zero per group of INT4_GROUP_SIZE inputs (asymmetric, as gpt-fast)."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, group_size: int,
+                 bias: torch.Tensor | None = None, out_features: int | None = None):
+        super().__init__()
+        # The CPU kernel wants output rows in multiples of 16: extra rows are zero padding.
+        self.out_features = packed.shape[0] if out_features is None else out_features
+        self.in_features, self.group_size = in_features, group_size
+        self.register_buffer("weight", packed)  # uint8 [out, in/2] (CPU int4pack layout)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # bf16 [in/gs, out, 2]
+        self.register_buffer("bias", bias)  # None registers nothing and reads back as None
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
+                    group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
+        w = w.detach().float()
+        real_out, in_f = w.shape
+        if in_f % group_size:
+            raise ValueError(f"int4 needs in_features divisible by {group_size}, got {in_f}")
+        w = torch.nn.functional.pad(w, (0, 0, 0, -real_out % 16))
+        out_f = w.shape[0]
+        g = w.reshape(out_f, in_f // group_size, group_size)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-6)
+        q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+        zero = lo + 8 * scale
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [in/gs, out, 2]
+        return cls(packed, sz, in_f, group_size, None if bias is None else bias.detach().clone(), real_out)
+
+    # The packed layout interleaves blocks of 64 output rows: only whole blocks can be viewed.
+    ROW_BLOCK = 64
+
+    def can_view_rows(self, start: int, end: int) -> bool:
+        return start % self.ROW_BLOCK == 0 and (end - start) % self.ROW_BLOCK == 0
+
+    def rows(self, start: int, end: int) -> "Int4Linear":
+        if not self.can_view_rows(start, end):
+            raise ValueError(f"int4 rows [{start}, {end}) do not fall on {self.ROW_BLOCK}-row blocks")
+        return Int4Linear(self.weight[start:end], self.scales_and_zeros[:, start:end].contiguous(), self.in_features,
+                          self.group_size, None if self.bias is None else self.bias[start:end])
+
+    def dense_weight(self) -> torch.Tensor:
+        # The packed layout is the kernel's own; the product with the identity reads it back (W^T).
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight.device)
+        wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, self.scales_and_zeros)
+        return wt.t()[: self.out_features].float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight,
+                                                        self.group_size, self.scales_and_zeros)
+        if y.shape[-1] != self.out_features:
+            y = y[:, : self.out_features]
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 weight-only (group {self.group_size})")
+
+
+QUANTIZERS = {"int8": Int8Linear.from_weight, "int4": Int4Linear.from_weight}
+
+
+def _dense_rows(linear: nn.Linear, start: int, end: int) -> nn.Linear:
+    view = nn.Linear(linear.in_features, end - start, bias=linear.bias is not None,
+                     device="meta")  # parameters replaced by views below; meta allocates nothing
+    view.weight = nn.Parameter(linear.weight.detach()[start:end], requires_grad=False)
+    if linear.bias is not None:
+        view.bias = nn.Parameter(linear.bias.detach()[start:end], requires_grad=False)
+    return view
+
+
+def _make(weight: torch.Tensor, bias: torch.Tensor | None, quant: str | None) -> nn.Module:
+    if quant is None:
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().contiguous(), requires_grad=False)
+        return lin
+    return QUANTIZERS[quant](weight, bias)
+
+
+def _rows(module: nn.Module, start: int, end: int) -> nn.Module:
+    return _dense_rows(module, start, end) if isinstance(module, nn.Linear) else module.rows(start, end)
+
+
+def _fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str, quant: str | None) -> None:
+    parts = [getattr(parent, n) for n in names]
+    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+    biases = [p.bias for p in parts]
+    bias = torch.cat([b.detach() for b in biases], dim=0) if all(b is not None for b in biases) else None
+    fused = _make(weight, bias, quant)
+    setattr(parent, fused_name, fused)
+    start = 0
+    for name, part in zip(names, parts):
+        end = start + part.out_features
+        if hasattr(fused, "can_view_rows") and not fused.can_view_rows(start, end):
+            # Quantisation groups run along the inputs, so quantising the part alone gives exactly
+            # the fused module's rows; only the storage is not shared (small models only).
+            setattr(parent, name, _make(part.weight, part.bias, quant))
+        else:
+            setattr(parent, name, _rows(fused, start, end))
+        start = end
+
+
+@torch.no_grad()
+def optimize_model(model: nn.Module, quant: str | None = None, fuse: bool = True) -> nn.Module:
+    """Fuse projections and/or quantise a freshly loaded model in place (before any adapter is
+    installed: DoRA's g scales are computed from the backbone it will run with)."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    if model.config.ternary:
+        if quant is not None:
+            raise ValueError("weight-only int8/int4 applies to dense checkpoints; this model is ternary (BitLinear)")
+        return model  # the packed ternary layout is row-blocked; fusing it would need a repack
+    if getattr(model, "adapter_context", None) is not None and model.adapter_context.names:
+        raise ValueError("optimize_model must run before adapters are loaded")
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if fuse:
+            _fuse(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj", quant)
+            _fuse(mlp, ("gate_proj", "up_proj"), "gate_up_proj", quant)
+        elif quant is not None:
+            for parent, name in ((attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (mlp, "gate_proj"),
+                                 (mlp, "up_proj")):
+                lin = getattr(parent, name)
+                setattr(parent, name, _make(lin.weight, lin.bias, quant))
+        if quant is not None:
+            for parent, name in ((attn, "o_proj"), (mlp, "down_proj")):
+                lin = getattr(parent, name)
+                setattr(parent, name, _make(lin.weight, lin.bias, quant))
+    if quant is not None:
+        # The vocabulary product is the largest matrix (49152 x 576 on SmolLM2); a tied embedding
+        # keeps its exact table for lookups, the lm_head gets its own quantised copy.
+        model.lm_head = _make(model.lm_head.weight, None, quant)
+    model.quant = quant
+    return model
+
+
+def linear_weight_bits(model: nn.Module) -> float:
+    """Resident bits per weight over the decoder projections (BitNet check: <= 2.1 for packed)."""
+    bits = weights = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                m = getattr(parent, name, None)
+                if m is None:
+                    continue
+                m = getattr(m, "base_layer", m)
+                weights += m.in_features * m.out_features
+                bits += 8 * sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+                bits += 8 * sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+    return bits / weights
+
+
