@@ -95,7 +95,7 @@ class AdapterCache:
         try:
             for adapter in adapters:
                 name = engine_name(adapter)
-                served[name] = self._ensure_on_device(name, adapter.path, adapter.sha256)
+                served[name] = self._ensure_on_device(name, self._local_dir(name, adapter), adapter.sha256)
                 pinned.append(name)
         except Exception:
             self.release(pinned)
@@ -119,7 +119,11 @@ class AdapterCache:
                 entry = self.entries.get(name)
                 if entry is not None and (entry.on_device or entry.spec is not None) or name in self.corrupt:
                     continue
-            futures.append(self.prefetcher.submit(self._prefetch_one, name, adapter.path, adapter.sha256))
+            try:
+                path = self._local_dir(name, adapter)
+            except CorruptAdapter:
+                continue  # recorded; the request that needs it will report it
+            futures.append(self.prefetcher.submit(self._prefetch_one, name, path, adapter.sha256))
         return futures
 
     def tier_of(self, name: str) -> str:
@@ -147,6 +151,15 @@ class AdapterCache:
 
     def close(self):
         self.prefetcher.shutdown(wait=True)
+
+    def _local_dir(self, name, adapter) -> str:
+        """The adapter's directory; a blob that cannot be read or unpacked counts as corrupt."""
+        if not hasattr(adapter, "local_dir"):
+            return adapter.path
+        try:
+            return adapter.local_dir()
+        except Exception as exc:  # missing, corrupt or malformed blob: never loaded, reported
+            self._corrupt(name, f"cannot materialise from blob {getattr(adapter, 'blob_cid', '')}: {exc}")
 
     # -- tiers ---------------------------------------------------------------------------------
     def _ensure_on_device(self, name: str, path: str, sha256: str) -> str:

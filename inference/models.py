@@ -52,6 +52,23 @@ class Adapter(models.Model):
             latest.setdefault(adapter.expert, adapter)
         return latest
 
+    def local_dir(self):
+        """The PEFT directory to load. An adapter replicated from a peer has only its blob: it is
+        unpacked (verified against its CID) under ADAPTER_DIR on first use."""
+        if self.path:
+            return self.path
+        if not self.blob_cid:
+            raise FileNotFoundError(f"adapter {self} has neither a local path nor a blob")
+        from pathlib import Path
+
+        from mining import blobstore
+        from mining.training import unpack_to_dir
+
+        target = Path(settings.ADAPTER_DIR) / "from-blobs" / f"{self.expert}-v{self.version}-{self.blob_cid[-16:]}"
+        if not (target / "adapter_model.safetensors").is_file():
+            unpack_to_dir(blobstore.read_bytes(self.blob_cid), target)
+        return str(target)
+
     def approve(self):
         self.status = self.Status.APPROVED
         self.approved_at = timezone.now()

@@ -87,6 +87,7 @@ def load_engine():
             dtype=settings.R3MES_DTYPE,
             device=device,
             cache_dir=settings.MODEL_CACHE_DIR,
+            quant=None if settings.R3MES_QUANT == "none" else settings.R3MES_QUANT,
         )
         from inference.pipeline import Pipeline
 
