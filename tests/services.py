@@ -54,6 +54,9 @@ os.environ["REDIS_URL"] = f"redis://127.0.0.1:{REDIS_PORT}/0"
 os.environ["R3MES_DATA_DIR"] = str(_tmp / "data")
 os.environ.setdefault("R3MES_MODEL_CACHE_DIR", str(REPO / "var" / "models"))
 os.environ.setdefault("LOG_FORMAT", "text")
+# `r3mes demo` would queue the starter training on the session's broker, where a later test's real
+# Celery worker would pick it up and spend minutes training; the starter tests switch it on.
+os.environ.setdefault("R3MES_STARTER_AUTO_TRAIN", "0")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 
 

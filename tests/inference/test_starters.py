@@ -41,6 +41,7 @@ def test_train_starters_rejects_experts_without_data(db):
 
 def test_demo_queues_starter_training_only_once(db, settings):
     settings.CELERY_TASK_ALWAYS_EAGER = False
+    settings.R3MES_STARTER_AUTO_TRAIN = True
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.delete(demo.CLAIM_KEY, "celery")
     try:
@@ -55,6 +56,7 @@ def test_demo_queues_starter_training_only_once(db, settings):
 
 
 def test_demo_queues_nothing_when_starters_exist(db, settings):
+    settings.R3MES_STARTER_AUTO_TRAIN = True
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.delete(demo.CLAIM_KEY, "celery")
     for expert in STARTERS:

@@ -22,6 +22,7 @@ def celery_worker():
 
     from r3mes_site.celery import app
 
+    app.control.purge()  # only this test's jobs: nothing another test left on the session's broker
     with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING", shutdown_timeout=30) as worker:
         yield worker
 
