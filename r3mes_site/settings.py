@@ -207,6 +207,10 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "timeout": 20,
             },
+            # A file, not shared-cache memory, for the test database too: live-server tests run
+            # Celery workers and Daphne threads beside the test, and shared-cache SQLite answers
+            # their concurrent writes with "table is locked" instead of waiting.
+            "TEST": {"NAME": str(DATA_DIR / "test-r3mes.sqlite3")},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

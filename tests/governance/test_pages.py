@@ -174,9 +174,9 @@ def test_dataset_proposal_shows_a_verified_preview_of_the_first_lines(client, al
     html = client.get(reverse("proposal", args=[proposal.pk])).content.decode()
     assert "q0" in html and "q4" in html and "q5" not in html
 
-    blobstore.path_for(cid).write_bytes(body.replace(b"q0", b"XX"))  # corrupted on disk
+    blobstore.path_for(cid).write_bytes(body.replace(b"q0", b"TAMPERED-LINE"))  # corrupted on disk
     html = client.get(reverse("proposal", args=[proposal.pk])).content.decode()
-    assert "XX" not in html and "corrupt" in html
+    assert "TAMPERED-LINE" not in html and "corrupt" in html
 
 
 def test_dataset_missing_from_the_blob_store_says_so(client, alice, dataset):
