@@ -72,10 +72,18 @@ def test_run_script_serves_on_port_and_ctrl_c_leaves_no_process_behind(tmp_path)
         assert ready["checks"]["database"]["ok"] and ready["checks"]["redis"]["ok"]
         # The inference worker answers pings through this instance's own Redis (port + 10000).
         assert "worker" in ready, ready
+        # Each process waits for Redis, then execs its program: give the slowest a moment.
+        expected = ("redis-server", "daphne", "r3mes worker", "celery -A r3mes_site worker", "celery -A r3mes_site beat")
+        deadline = time.monotonic() + 60
+        while True:
+            started = descendants(proc.pid)
+            names = " ".join(started.values())
+            missing = [name for name in expected if name not in names]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert missing == [], names
         started = descendants(proc.pid)
-        names = " ".join(started.values())
-        for expected in ("redis-server", "daphne", "r3mes worker", "celery -A r3mes_site worker", "celery -A r3mes_site beat"):
-            assert expected in names
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         output, _ = proc.communicate(timeout=60)
