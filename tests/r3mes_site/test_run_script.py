@@ -29,7 +29,7 @@ def free_port_pair():
 
 def descendants(root):
     """{pid: args} of every process below `root` (honcho puts each child in its own session)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     children, args = {}, {}
     for line in out.splitlines():
         pid, ppid, *rest = line.split(None, 2)
