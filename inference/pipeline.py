@@ -6,8 +6,8 @@
     for piece in pipeline.stream(messages, options, user=user):   # text pieces, then the PipelineResult
         ...
 
-Retrieval comes from the `rag` app when it is installed; without it the pipeline answers without
-context (never with made-up context). Bad input raises `PipelineError` naming the parameter and,
+Retrieval comes from the `rag` app, over the collections the user may read; anonymous callers
+and users without readable passages get no context (never made-up context). Bad input raises `PipelineError` naming the parameter and,
 where there is a fixed set, the valid choices.
 """
 
@@ -24,10 +24,7 @@ from inference.experts import EXPERTS
 from inference.router import hybrid
 from r3mes_site import metrics
 
-try:  # the rag app lands separately; until then requests run without retrieved context
-    from rag import retrieval
-except ImportError:
-    retrieval = None
+from rag import retrieval
 
 
 class PipelineError(ValueError):
@@ -179,7 +176,7 @@ class Pipeline:
         # Stage 1: retrieval
         results = []
         # Anonymous callers own no collections, so there is nothing to retrieve for them.
-        if options.rag and retrieval is not None and user is not None:
+        if options.rag and user is not None:
             t = time.perf_counter()
             try:
                 results = retrieval.retrieve(query, user, collections=options.collections, top_k=options.rag_top_k)

@@ -3,8 +3,6 @@ one-time aggregation of a round into a candidate adapter. Views, the API and Cel
 these; each writes inside a transaction so a refused or failed step leaves nothing half-done."""
 
 import hashlib
-import importlib
-import importlib.util
 import logging
 import math
 import shutil
@@ -37,12 +35,9 @@ class Refused(Exception):
 
 
 def record_ledger(tx_type, payload):
-    """Record on the ledger when the chain module is installed (branch `chain`); a no-op otherwise."""
-    if importlib.util.find_spec("mining.ledger") is None:
-        return None
-    ledger = importlib.import_module("mining.ledger")
-    record = getattr(ledger, "record", None)
-    return record(tx_type, payload) if record else None
+    from . import ledger  # imported here: the ledger imports the models this module defines actions on
+
+    return ledger.record(tx_type, payload)
 
 
 def _finite(value):
@@ -417,12 +412,10 @@ def _fmt(value):
 
 
 def _propose(round_obj, adapter, eval_loss):
-    """An adapter proposal in governance, when the governance actions module offers one."""
-    if importlib.util.find_spec("governance.actions") is None:
-        return None
-    actions = importlib.import_module("governance.actions")
-    create = getattr(actions, "do_create_proposal", None)
-    if create is None or round_obj.created_by is None:
+    """An adapter proposal in governance, opened by the round's creator."""
+    from governance.actions import do_create_proposal as create  # governance imports mining
+
+    if round_obj.created_by is None:
         return None
     round_obj.refresh_from_db()
     baseline = round_obj.baseline_eval_loss
