@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import triton_kernels
+
 VALUES_PER_BYTE = 4
 
 
@@ -131,7 +133,7 @@ class BitLinear(nn.Module):
         return unpack_ternary(self.weight, dtype) * self.weight_scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_kernel and not torch.is_grad_enabled() and x.device.type == "cpu":
+        if self.int8_kernel and not torch.is_grad_enabled() and (x.device.type == "cpu" or x.is_cuda and triton_kernels.available()):
             return self._forward_int8(x)
         w = unpack_ternary(self.weight, x.dtype)  # [out, in] in {-1, 0, 1}
         if self.divide_scale:
@@ -148,6 +150,8 @@ class BitLinear(nn.Module):
         (three vectorised ops on the packed bytes; only the 2-bit form stays resident) and one
         int8 x int8 -> int32 matmul. The integer product is exact, so this equals the float path
         up to the float rounding of the final scaling."""
+        if x.is_cuda and triton_kernels.available():  # CUDA: the Triton W2A8 kernel, same result
+            return triton_kernels.bitlinear_forward(self, x)
         shape = x.shape
         xf = x.reshape(-1, shape[-1]).float()
         x_scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)  # [M, 1]

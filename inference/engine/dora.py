@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import triton_kernels
 from .bitlinear import dense_weight
 from .errors import AdapterError, MixtureError, UnknownAdapter
 
@@ -146,6 +147,8 @@ class DoraLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not torch.is_grad_enabled() and triton_kernels.available():
+            return self._forward_triton(x)  # CUDA inference: fused kernels (no autograd through them)
         y = self.base_layer(x)  # [B, T, out]: the one backbone product
         ctx = self.context
         if ctx.training is not None and ctx.training in self.lora_A:
@@ -170,6 +173,24 @@ class DoraLinear(nn.Module):
         xa = (x @ A.t()).view(B_, T, n, r) * w[:, None, :, None]
         low = xa.view(B_, T, n * r) @ Bg  # [B, T, out]
         y = torch.addcmul(low, g_mix[:, None, :], y)
+        return y if bias is None else y + bias
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() on CUDA: the same mixture formula, with the low-rank paths of every sequence
+        in one Triton shrink and one expand launch that also applies g_mix (triton_kernels.py).
+        The active adapters are gathered inside the kernels, from the resident stacks."""
+        y = self.base_layer(x)
+        ctx = self.context
+        if ctx.training is not None and ctx.training in self.lora_A:
+            return self._forward_live(x, y, ctx.training)
+        if ctx.weights is None or self.stack_A is None:
+            return y
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            y = y - bias
+        w = ctx.weights.float()  # [B, n]
+        g_mix = torch.addmm(ctx.rest.float(), w, self.stack_g[ctx.active].float())  # [B, out]
+        y = triton_kernels.dora_mixture(x, y, self.flat_A, self.flat_B, self.stack_A.shape[1], ctx.active, w, g_mix)
         return y if bias is None else y + bias
 
     def _forward_live(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
