@@ -188,8 +188,8 @@ class DoraLinear(nn.Module):
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
             y = y - bias
-        w = ctx.weights.float()  # [B, n]
-        g_mix = torch.addmm(ctx.rest.float(), w, self.stack_g[ctx.active].float())  # [B, out]
+        w = ctx.weights.to(x.device, torch.float32)  # [B, n]
+        g_mix = torch.addmm(ctx.rest.to(x.device, torch.float32), w, self.stack_g[ctx.active].float())  # [B, out]
         y = triton_kernels.dora_mixture(x, y, self.flat_A, self.flat_B, self.stack_A.shape[1], ctx.active, w, g_mix)
         return y if bias is None else y + bias
 

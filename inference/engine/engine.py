@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import dora
+from . import dora, triton_kernels
 from .errors import AdapterError, ContextLengthExceeded, EngineError
 from .generate import Batch, SamplingParams, Sequence, generate
 from .loaders import load_model, prepare_default_model
@@ -70,7 +70,10 @@ class Engine:
             quant = None  # a settings string naming a float precision means "no weight quantisation"
         if quant not in QUANT_MODES:
             raise EngineError(f"quant {quant!r} is not supported (None, 'int8', 'int4')")
-        if quant is not None and torch_device.type != "cpu":
+        # Off CPU only the packed ternary W2A8 path exists (Triton kernel, CUDA): checked again below
+        # once the checkpoint is known to be ternary.
+        on_gpu_w2a8 = quant == "int8" and torch_device.type == "cuda" and triton_kernels.available()
+        if quant is not None and torch_device.type != "cpu" and not on_gpu_w2a8:
             raise EngineError(f"quant={quant!r} uses PyTorch's CPU kernels; device {torch_device} is not supported")
         if path is None:
             path = prepare_default_model(cache_dir)
@@ -84,6 +87,9 @@ class Engine:
                     module.int8_kernel = True
             model.quant = "ternary-int8"
         else:
+            if quant is not None and torch_device.type != "cpu":
+                raise EngineError(f"quant={quant!r} on {torch_device}: off CPU only packed ternary checkpoints run "
+                                  "quantised (quant='int8', the Triton W2A8 kernel)")
             optimize_model(model, quant=quant, fuse=fuse)
         return cls(model, tokenizer, str(path), torch_dtype, torch_device, time.perf_counter() - start)
 
@@ -236,6 +242,8 @@ class Engine:
             "precision": getattr(self.model, "quant", None) or str(self.dtype).removeprefix("torch."),
             "quant": getattr(self.model, "quant", None),
             "backend": "pytorch-cuda" if self.device.type == "cuda" else "pytorch-cpu",
+            # the Triton kernels (W2A8 ternary matmul, fused DoRA mixtures) run: CUDA + the optional extra
+            "triton_kernels": self.device.type == "cuda" and triton_kernels.available(),
             "threads": torch.get_num_threads(),
             "memory": memory,
             "adapters": self.adapters,
