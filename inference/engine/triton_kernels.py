@@ -81,19 +81,31 @@ def _check_device(*tensors: torch.Tensor) -> None:
 
 
 # -- W2A8: int8 activations x packed ternary weights ---------------------------------------------
-def _w2a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, y_ptr, M, N4, K, stride_xm, stride_wn, stride_ym,
-                 DIVIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[m, i*N4 + n] = scale(m) * sum_k x[m, k] * (((w[n, k] >> 2i) & 3) - 1), i = 0..3.
+def _w2a8_kernel(x_ptr, w_ptr, s_ptr, ws_ptr, y_ptr, M, N4, K, stride_xm, stride_wn, stride_ym,
+                 QUANTIZE: tl.constexpr, DIVIDE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, i*N4 + n] = scale(m) * sum_k xq[m, k] * (((w[n, k] >> 2i) & 3) - 1), i = 0..3.
 
     One program owns BLOCK_N packed rows: each byte it loads feeds four output columns, one per
     2-bit field (`pack_ternary`'s four contiguous row blocks), so the packed weights are read once
     and never expanded in memory; the four int8 x int8 -> int32 dots are exact.
+
+    QUANTIZE: x is the float activation and s its per-row absmax; the int8 levels are made here,
+    tile by tile, exactly as BitLinear._forward_int8 makes them (x_scale = 127 / max(absmax, 1e-5),
+    round half to even, clamp), so decode runs one reduction and this one launch instead of a
+    chain of small PyTorch ops. Otherwise x is already int8 and s is x_scale.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # packed rows
     rk = tl.arange(0, BLOCK_K)
+    s = tl.load(s_ptr + rm, mask=rm < M, other=1.0)
+    if QUANTIZE:
+        # `127.0 / t` in PyTorch is `t.reciprocal() * 127`: two roundings, reproduced here.
+        x_scale = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), tl.maximum(s, 1e-5)) * 127.0
+    else:
+        x_scale = s
     acc0 = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     acc1 = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     acc2 = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
@@ -102,6 +114,11 @@ def _w2a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, y_ptr, M, N4, K, stride_xm, strid
         kk = k0 + rk
         # Out-of-range k loads x = 0, so whatever weight value sits there adds nothing.
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+        if QUANTIZE:  # the product is rounded on its own (launched without FP fusion: no FMA here)
+            v = x.to(tl.float32) * x_scale[:, None]
+            # torch.round: (v + 1.5 * 2**23) - 1.5 * 2**23 rounds |v| < 2**22 to an integer, half to even
+            # (a literal: kernels cannot read module globals).
+            x = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, -128.0), 127.0).to(tl.int8)
         p = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N4) & (kk[:, None] < K), other=0)
         acc0 = tl.dot(x, (p & 3).to(tl.int8) - 1, acc0)  # [BLOCK_K, BLOCK_N] ternary tiles, stored value - 1
         acc1 = tl.dot(x, ((p >> 2) & 3).to(tl.int8) - 1, acc1)
@@ -109,8 +126,8 @@ def _w2a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, y_ptr, M, N4, K, stride_xm, strid
         acc3 = tl.dot(x, ((p >> 6) & 3).to(tl.int8) - 1, acc3)
     # Epilogue in BitLinear._forward_int8's float32 order, so the result matches it bit for bit:
     # "bitlinear" checkpoints divide by (weight_scale * x_scale), "autobitlinear" multiply by
-    # (weight_scale / x_scale). div_rn: IEEE division (plain `/` may be approximate on the GPU).
-    xs = tl.load(xs_ptr + rm, mask=rm < M, other=1.0)[:, None] + tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    # (weight_scale / x_scale). div_rn: IEEE division (plain `/` is approximate on the GPU).
+    xs = x_scale[:, None] + tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     ws = tl.load(ws_ptr)
     mask = (rm[:, None] < M) & (rn[None, :] < N4)
     y = y_ptr + rm[:, None] * stride_ym + rn[None, :]
@@ -129,38 +146,43 @@ def _w2a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, y_ptr, M, N4, K, stride_xm, strid
         tl.store(y + 3 * N4, acc3.to(tl.float32) * scale, mask=mask)
 
 
+def _w2a8(x: torch.Tensor, s: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, divide_scale: bool,
+          out_dtype: torch.dtype, quantize: bool) -> torch.Tensor:
+    M, K = x.shape
+    N4 = packed.shape[0]
+    if packed.dtype != torch.uint8 or packed.shape[1] != K:
+        raise ValueError(f"packed weights must be uint8 [N/4, {K}], got {packed.dtype} {tuple(packed.shape)}")
+    _check_device(x, packed)
+    x, packed = x.contiguous(), packed.contiguous()
+    s = s.reshape(M).float().contiguous()
+    ws = weight_scale.reshape(1).float().contiguous()
+    y = torch.empty(M, 4 * N4, dtype=out_dtype, device=x.device)
+    cfg = W2A8_DECODE if M <= DECODE_ROWS else W2A8_PREFILL
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    grid = (triton.cdiv(M, bm), triton.cdiv(N4, bn))
+    _jit(_w2a8_kernel)[grid](x, packed, s, ws, y, M, N4, K, x.stride(0), packed.stride(0), y.stride(0),
+                             QUANTIZE=quantize, DIVIDE=bool(divide_scale), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                             num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    return y
+
+
 def w2a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
                 divide_scale: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """xq int8 [M, K] (per-token levels), x_scale [M] or [M, 1] float32 (127/absmax), packed uint8
     [N/4, K] (`pack_ternary`), weight_scale [1] -> y [M, N] in `out_dtype`, equal to
     BitLinear._forward_int8's product and scaling."""
-    if xq.dtype != torch.int8 or packed.dtype != torch.uint8:
-        raise TypeError(f"w2a8_matmul takes int8 activations and uint8 packed weights, got {xq.dtype}, {packed.dtype}")
-    M, K = xq.shape
-    N4 = packed.shape[0]
-    if packed.shape[1] != K:
-        raise ValueError(f"activations have {K} features, packed weights {packed.shape[1]}")
-    _check_device(xq, packed)
-    xq, packed = xq.contiguous(), packed.contiguous()
-    xs = x_scale.reshape(M).float().contiguous()
-    ws = weight_scale.reshape(1).float().contiguous()
-    y = torch.empty(M, 4 * N4, dtype=out_dtype, device=xq.device)
-    cfg = W2A8_DECODE if M <= DECODE_ROWS else W2A8_PREFILL
-    bm, bn, bk, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
-    grid = (triton.cdiv(M, bm), triton.cdiv(N4, bn))
-    _jit(_w2a8_kernel)[grid](xq, packed, xs, ws, y, M, N4, K, xq.stride(0), packed.stride(0), y.stride(0),
-                             DIVIDE=bool(divide_scale), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-    return y
+    if xq.dtype != torch.int8:
+        raise TypeError(f"w2a8_matmul takes int8 activations, got {xq.dtype}")
+    return _w2a8(xq, x_scale, packed, weight_scale, divide_scale, out_dtype, quantize=False)
 
 
 def bitlinear_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """BitLinear._forward_int8 on the GPU: the same per-token int8 activation levels (PyTorch ops,
-    one pass over x), then the W2A8 kernel in place of unpack + torch._int_mm."""
+    """BitLinear._forward_int8 on the GPU, same result: one reduction for the per-token absmax,
+    then one kernel that quantises the activations per tile and runs the W2A8 product."""
     shape = x.shape
-    xf = x.reshape(-1, shape[-1]).float()
-    x_scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)  # [M, 1]
-    xq = (xf * x_scale).round_().clamp_(-128, 127).to(torch.int8)
-    y = w2a8_matmul(xq, x_scale, layer.weight, layer.weight_scale, layer.divide_scale, x.dtype)
+    x2 = x.reshape(-1, shape[-1])
+    absmax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, dtype=torch.float32)  # max |x| per token, exact
+    y = _w2a8(x2, absmax, layer.weight, layer.weight_scale, layer.divide_scale, x.dtype, quantize=True)
     y = y.reshape(*shape[:-1], layer.out_features)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
@@ -299,10 +321,10 @@ def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> dict[str
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
     jobs = []
     for cfg in (W2A8_DECODE, W2A8_PREFILL):
-        for divide in (False, True):
-            sig = dict(x_ptr="*i8", w_ptr="*u8", xs_ptr="*fp32", ws_ptr="*fp32", y_ptr=f"*{dt}",
-                       **ints("M", "N4", "K", "stride_xm", "stride_wn", "stride_ym"))
-            jobs.append((_w2a8_kernel, sig, dict(DIVIDE=divide), cfg))
+        for quantize, divide in ((True, False), (True, True), (False, False)):
+            sig = dict(x_ptr=f"*{dt}" if quantize else "*i8", w_ptr="*u8", s_ptr="*fp32", ws_ptr="*fp32",
+                       y_ptr=f"*{dt}", **ints("M", "N4", "K", "stride_xm", "stride_wn", "stride_ym"))
+            jobs.append((_w2a8_kernel, sig, dict(QUANTIZE=quantize, DIVIDE=divide), dict(cfg, enable_fp_fusion=False)))
     ieee = dtype == torch.float32
     for cfg in (SHRINK, SHRINK_PREFILL):
         sig = dict(x_ptr=f"*{dt}", a_ptr=f"*{dt}", idx_ptr="*i64", w_ptr="*fp32", t_ptr="*fp32",
@@ -318,7 +340,8 @@ def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> dict[str
         consts = {**consts, **blocks}
         sig = {**sig, **{k: "constexpr" for k in consts}}
         kernel = triton.compile(ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts),
-                                target=GPUTarget("cuda", arch, 32), options=dict(num_warps=cfg["num_warps"]))
+                                target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=cfg["num_warps"], enable_fp_fusion=cfg.get("enable_fp_fusion", True)))
         label = f"{fn.__name__.strip('_')}[{','.join(f'{k}={v}' for k, v in consts.items())}]"
         out[label] = sorted(set(re.findall(r"\b(w?mma[.\w]*\.(?:s8|bf16|f16|f32|tf32)\b[.\w]*)", kernel.asm["ptx"])))
     return out
