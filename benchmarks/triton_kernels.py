@@ -10,6 +10,7 @@ shapes) and an ahead-of-time compile for sm_90 (H100) through Triton's bundled p
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -69,6 +70,9 @@ def bench_w2a8_cuda(prefill_m: int, dev="cuda", shapes=SHAPES) -> list[dict]:
                 ones = torch.ones(m, device=dev)
                 acc = tk.w2a8_matmul(xq, ones, layer.weight, torch.ones(1, device=dev), False)
                 exact = bool(torch.equal(acc.double(), xq.double() @ q.double().T))
+                # and the whole layer equals the CPU int8 path bit for bit
+                cpu_layer = copy.deepcopy(layer).cpu()
+                same = bool(torch.equal(layer(x).cpu(), cpu_layer._forward_int8(x.cpu())))
                 bf16 = cuda_time_us(lambda: torch.matmul(x, w_bf16.T))
                 kernel = cuda_time_us(lambda: tk.w2a8_matmul(xq, ones, layer.weight, layer.weight_scale, False,
                                                              torch.bfloat16))
@@ -78,7 +82,7 @@ def bench_w2a8_cuda(prefill_m: int, dev="cuda", shapes=SHAPES) -> list[dict]:
                 layer.int8_kernel = True
             rows.append(dict(shape=name, M=m, bf16_matmul_us=bf16, w2a8_kernel_us=kernel, w2a8_layer_us=full,
                              unpack_bf16_us=unpack, kernel_speedup=bf16 / kernel, layer_speedup=bf16 / full,
-                             integer_sums_exact=exact))
+                             integer_sums_exact=exact, layer_equals_cpu_int8=same))
     return rows
 
 
@@ -164,11 +168,11 @@ def main():
         result["w2a8"] = bench_w2a8_cuda(args.prefill)
         print(f"\nW2A8 ternary matmul vs bf16 torch.matmul (CUDA events, µs; speedup = bf16 time / ours)")
         print(f"{'shape':<20} {'M':>5} {'bf16':>9} {'W2A8 kern':>10} {'W2A8 layer':>11} {'unpack+bf16':>12} "
-              f"{'kern x':>7} {'layer x':>8} exact")
+              f"{'kern x':>7} {'layer x':>8} exact  ==cpu")
         for r in result["w2a8"]:
             print(f"{r['shape']:<20} {r['M']:>5} {r['bf16_matmul_us']:>9.1f} {r['w2a8_kernel_us']:>10.1f} "
                   f"{r['w2a8_layer_us']:>11.1f} {r['unpack_bf16_us']:>12.1f} {r['kernel_speedup']:>7.2f} "
-                  f"{r['layer_speedup']:>8.2f} {r['integer_sums_exact']}")
+                  f"{r['layer_speedup']:>8.2f} {r['integer_sums_exact']!s:>5}  {r['layer_equals_cpu_int8']}")
         result["dora"] = bench_dora_mixture_cuda(64)
         print("\nDoRA mixture: Triton shrink/expand vs PyTorch two matmuls (µs)")
         for r in result["dora"]:
