@@ -27,6 +27,7 @@ W2A8_PREFILL = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4)
 DECODE_ROWS = 16  # up to this many token rows use the decode tiles
 SHRINK = dict(BLOCK_M=16, BLOCK_J=32, BLOCK_K=128, num_warps=4)
 SHRINK_PREFILL = dict(BLOCK_M=64, BLOCK_J=32, BLOCK_K=64, num_warps=4)
+SHRINK_PROGRAMS = 128  # split-K target: about one program per SM of an H100 (132) or A100 (108)
 EXPAND = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_J=32, num_warps=4)
 EXPAND_PREFILL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_J=32, num_warps=4)
 
@@ -190,24 +191,28 @@ def bitlinear_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- DoRA mixtures: Punica-style shrink / expand over the resident adapter stacks -----------------
-def _shrink_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, t_ptr, M, K, J, R, T, stride_xm, stride_am, stride_wb, stride_tm,
-                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, t_ptr, M, K, J, R, T, K_PER, stride_xm, stride_am, stride_wb,
+                   stride_tm, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """t[m, j] = w[m // T, j // R] * sum_k x[m, k] * A[idx[j // R] * R + j % R, k].
 
     j runs over (active adapter, rank): the rows of the active adapters are gathered from the
     resident stack through `idx` (no copy of the stack per batch). Row m belongs to sequence m // T
     and takes that sequence's mixture weight of adapter j // R, so sequences with different
     mixtures share one launch; a weight of 0 (an adapter this sequence does not use) zeroes it.
+
+    Split-K, as Punica's shrink: [M, n*r] is a handful of tiles, so program axis 2 splits the long
+    K reduction into K_PER-wide chunks whose weighted partial sums are added into the zeroed t.
     """
     pid_m = tl.program_id(0)
     pid_j = tl.program_id(1)
+    k_start = tl.program_id(2) * K_PER
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     rk = tl.arange(0, BLOCK_K)
     j_ok = rj < J
     arow = tl.load(idx_ptr + rj // R, mask=j_ok, other=0) * R + rj % R  # stack row of each j
     acc = tl.full((BLOCK_M, BLOCK_J), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_start + K_PER, BLOCK_K):  # the last chunk may pass K: masked below
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         a = tl.load(a_ptr + arow[None, :] * stride_am + kk[:, None], mask=j_ok[None, :] & (kk[:, None] < K), other=0.0)
@@ -217,7 +222,7 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, t_ptr, M, K, J, R, T, stride_xm
             acc = tl.dot(x, a, acc)
     mask = (rm[:, None] < M) & j_ok[None, :]
     w = tl.load(w_ptr + (rm // T)[:, None] * stride_wb + (rj // R)[None, :], mask=mask, other=0.0)
-    tl.store(t_ptr + rm[:, None] * stride_tm + rj[None, :], acc * w, mask=mask)
+    tl.atomic_add(t_ptr + rm[:, None] * stride_tm + rj[None, :], acc * w, mask=mask, sem="relaxed")
 
 
 def _expand_kernel(t_ptr, b_ptr, idx_ptr, y_ptr, g_ptr, o_ptr, M, N, J, R, T,
@@ -285,10 +290,13 @@ def dora_mixture(x: torch.Tensor, y: torch.Tensor, flat_A: torch.Tensor, flat_B:
     # the tensor-core dot (16-bit operands, float32 accumulation) up to summation order.
     ieee = A.dtype == torch.float32 or interpreting()
     # The weighted shrink output stays float32 between the launches: [M, n*r] is small.
-    t = torch.empty(M, J, dtype=torch.float32, device=x.device)
+    t = torch.zeros(M, J, dtype=torch.float32, device=x.device)
     cfg = SHRINK if M <= DECODE_ROWS else SHRINK_PREFILL
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(J, cfg["BLOCK_J"]))
-    _jit(_shrink_kernel)[grid](x2, A, idx, w, t, M, K, J, r, T, x2.stride(0), A.stride(0), w.stride(0), t.stride(0),
+    tiles, k_blocks = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(J, cfg["BLOCK_J"]), triton.cdiv(K, cfg["BLOCK_K"])
+    split = max(1, min(k_blocks, SHRINK_PROGRAMS // tiles))  # about SHRINK_PROGRAMS programs in all
+    k_per = triton.cdiv(k_blocks, split) * cfg["BLOCK_K"]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(J, cfg["BLOCK_J"]), triton.cdiv(K, k_per))
+    _jit(_shrink_kernel)[grid](x2, A, idx, w, t, M, K, J, r, T, k_per, x2.stride(0), A.stride(0), w.stride(0), t.stride(0),
                                IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_J=cfg["BLOCK_J"], BLOCK_K=cfg["BLOCK_K"],
                                num_warps=cfg["num_warps"])
     out = torch.empty(M, N, dtype=y.dtype, device=x.device)
@@ -328,7 +336,7 @@ def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> dict[str
     ieee = dtype == torch.float32
     for cfg in (SHRINK, SHRINK_PREFILL):
         sig = dict(x_ptr=f"*{dt}", a_ptr=f"*{dt}", idx_ptr="*i64", w_ptr="*fp32", t_ptr="*fp32",
-                   **ints("M", "K", "J", "R", "T", "stride_xm", "stride_am", "stride_wb", "stride_tm"))
+                   **ints("M", "K", "J", "R", "T", "K_PER", "stride_xm", "stride_am", "stride_wb", "stride_tm"))
         jobs.append((_shrink_kernel, sig, dict(IEEE=ieee), cfg))
     for cfg in (EXPAND, EXPAND_PREFILL):
         sig = dict(t_ptr="*fp32", b_ptr=f"*{dt}", idx_ptr="*i64", y_ptr=f"*{dt}", g_ptr="*fp32", o_ptr=f"*{dt}",

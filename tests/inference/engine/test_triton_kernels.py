@@ -97,9 +97,10 @@ def torch_mixture(x, y, flat_A, flat_B, r, active, weights, g_mix):
 
 
 # (batch, tokens, in, out, resident adapters, rank, active): decode (T=1) and prefill rows, n*r
-# below and above the 32-wide J block, a rank that is no power of two, a gathered subset.
+# below and above the 32-wide J block, a rank that is no power of two, a gathered subset, and
+# inputs long enough for the shrink's split-K (2, 6 and 5 chunks in the 2nd, 5th and 6th case).
 MIXTURES = [(1, 1, 40, 50, 3, 4, [0, 2]), (4, 1, 130, 70, 4, 8, [0, 1, 2, 3]), (3, 7, 64, 96, 3, 3, [2, 0]),
-            (2, 9, 33, 40, 5, 8, [0, 1, 3, 4])]
+            (2, 9, 33, 40, 5, 8, [0, 1, 3, 4]), (2, 1, 700, 40, 3, 4, [0, 1, 2]), (3, 8, 300, 40, 2, 4, [0, 1])]
 
 
 @pytest.mark.parametrize("b,t,k,n,n_res,r,active", MIXTURES)
