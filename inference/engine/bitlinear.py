@@ -133,7 +133,8 @@ class BitLinear(nn.Module):
         return unpack_ternary(self.weight, dtype) * self.weight_scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_kernel and not torch.is_grad_enabled() and (x.device.type == "cpu" or x.is_cuda and triton_kernels.available()):
+        int8_here = x.device.type == "cpu" or (x.is_cuda and triton_kernels.available())  # _int_mm / Triton
+        if self.int8_kernel and not torch.is_grad_enabled() and int8_here:
             return self._forward_int8(x)
         w = unpack_ternary(self.weight, x.dtype)  # [out, in] in {-1, 0, 1}
         if self.divide_scale:

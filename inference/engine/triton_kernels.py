@@ -8,7 +8,11 @@ tensors through Triton's interpreter (`TRITON_INTERPRET=1`).
 
 Triton picks interpreter or compiler when `triton.jit` wraps a function, not when triton is
 imported, so the kernels below are plain functions wrapped lazily, once per mode (`_jit`): a process
-that imported triton earlier can still switch the interpreter on before the first launch.
+that imported triton earlier (torch.compile does) can still switch the interpreter on before the
+first launch. For the same reason the kernels call only Triton builtins (tl.full, tl.dot,
+tl.maximum...), never triton.language's own jit-wrapped helpers (tl.zeros, tl.max, tl.cdiv...):
+those are wrapped when triton is imported and stay in that mode. Module globals are out of reach
+of a kernel, so constants are literals.
 """
 
 # Kernel annotations (`tl.constexpr`) stay strings until triton is loaded; Triton reads them as such.
@@ -158,6 +162,8 @@ def _w2a8(x: torch.Tensor, s: torch.Tensor, packed: torch.Tensor, weight_scale: 
     s = s.reshape(M).float().contiguous()
     ws = weight_scale.reshape(1).float().contiguous()
     y = torch.empty(M, 4 * N4, dtype=out_dtype, device=x.device)
+    if M == 0:  # an empty grid is not a valid launch
+        return y
     cfg = W2A8_DECODE if M <= DECODE_ROWS else W2A8_PREFILL
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (triton.cdiv(M, bm), triton.cdiv(N4, bn))
@@ -214,7 +220,8 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, t_ptr, M, K, J, R, T, K_PER, st
     acc = tl.full((BLOCK_M, BLOCK_J), 0.0, tl.float32)
     for k0 in range(k_start, k_start + K_PER, BLOCK_K):  # the last chunk may pass K: masked below
         kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                    other=0.0)
         a = tl.load(a_ptr + arow[None, :] * stride_am + kk[:, None], mask=j_ok[None, :] & (kk[:, None] < K), other=0.0)
         if IEEE:  # float32 operands: full-precision products, as torch.matmul (TF32 is off by default)
             acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
@@ -267,7 +274,8 @@ def dora_mixture(x: torch.Tensor, y: torch.Tensor, flat_A: torch.Tensor, flat_B:
     [n_res*r, in] and flat_B [n_res*r, out] (every resident adapter, rank padded to r, B already
     g*s scaled), active [n] (which resident adapters the batch uses), weights [B, n] (each
     sequence's mixture over them; all-zero rows use no adapter), g_mix [B, out].
-    Returns out [B, T, out] in y's dtype.
+    Returns out [B, T, out] in y's dtype. The shrink's split-K chunks are added atomically, so on
+    the GPU the float32 summation order, and with it the last bits, may vary from run to run.
     """
     B_, T, K = x.shape
     N = y.shape[-1]
@@ -280,6 +288,8 @@ def dora_mixture(x: torch.Tensor, y: torch.Tensor, flat_A: torch.Tensor, flat_B:
                          f"{n} active adapters, {N} outputs")
     _check_device(x, y, flat_A, flat_B)
     M, J = B_ * T, n * r
+    if M == 0:  # an empty grid is not a valid launch
+        return torch.empty_like(y)
     x2, y2 = x.reshape(M, K).contiguous(), y.reshape(M, N).contiguous()
     A, Bg = flat_A.contiguous(), flat_B.contiguous()
     idx = active.to(device=x.device, dtype=torch.int64).contiguous()
@@ -296,7 +306,8 @@ def dora_mixture(x: torch.Tensor, y: torch.Tensor, flat_A: torch.Tensor, flat_B:
     split = max(1, min(k_blocks, SHRINK_PROGRAMS // tiles))  # about SHRINK_PROGRAMS programs in all
     k_per = triton.cdiv(k_blocks, split) * cfg["BLOCK_K"]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(J, cfg["BLOCK_J"]), triton.cdiv(K, k_per))
-    _jit(_shrink_kernel)[grid](x2, A, idx, w, t, M, K, J, r, T, k_per, x2.stride(0), A.stride(0), w.stride(0), t.stride(0),
+    _jit(_shrink_kernel)[grid](x2, A, idx, w, t, M, K, J, r, T, k_per, x2.stride(0), A.stride(0), w.stride(0),
+                               t.stride(0),
                                IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_J=cfg["BLOCK_J"], BLOCK_K=cfg["BLOCK_K"],
                                num_warps=cfg["num_warps"])
     out = torch.empty(M, N, dtype=y.dtype, device=x.device)
@@ -349,7 +360,8 @@ def compile_for(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> dict[str
         sig = {**sig, **{k: "constexpr" for k in consts}}
         kernel = triton.compile(ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts),
                                 target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=cfg["num_warps"], enable_fp_fusion=cfg.get("enable_fp_fusion", True)))
+                                options=dict(num_warps=cfg["num_warps"],
+                                             enable_fp_fusion=cfg.get("enable_fp_fusion", True)))
         label = f"{fn.__name__.strip('_')}[{','.join(f'{k}={v}' for k, v in consts.items())}]"
         out[label] = sorted(set(re.findall(r"\b(w?mma[.\w]*\.(?:s8|bf16|f16|f32|tf32)\b[.\w]*)", kernel.asm["ptx"])))
     return out
