@@ -4,7 +4,7 @@ from django.core.exceptions import PermissionDenied
 from governance.models import ApiToken
 from rag.embedding import embed_query
 from rag.models import Collection
-from rag.retrieval import RRF_K, cited_sources, format_sources, reciprocal_rank_fusion, retrieve
+from rag.retrieval import RRF_K, reciprocal_rank_fusion, retrieve
 from tests.rag.pdfs import make_pdf
 
 pytestmark = pytest.mark.django_db
@@ -96,30 +96,3 @@ def test_a_shared_collection_is_readable_by_the_named_user_only(secret, collecti
     assert "Nightjar" in retrieve("Nightjar launch code", bob)[0].text
     assert all("Nightjar" not in r.text for r in retrieve("Nightjar launch code", carol))
     assert not collection.can_write(bob)
-
-
-def test_format_sources_numbers_passages_for_the_prompt(collection, add_and_ingest, alice):
-    add_and_ingest(collection, "geo.pdf", make_pdf(["Intro page.", "Volcanoes erupt when magma pressure builds up."]))
-    add_and_ingest(collection, "bees.txt", PUBLIC.encode())
-    results = retrieve("volcano magma", alice, top_k=2)
-    block = format_sources(results)
-    assert "cite it as [n]" in block
-    assert "[1] geo.pdf (p. 2): Volcanoes erupt when magma pressure builds up." in block
-    assert f"[2] {results[1].document_title} (p. {results[1].page}):" in block
-    assert format_sources([]) == ""
-
-
-def test_cited_sources_lists_only_the_sources_the_answer_cites(collection, add_and_ingest, alice):
-    add_and_ingest(collection, "geo.pdf", make_pdf(["Intro page.", "Volcanoes erupt when magma pressure builds up."]))
-    add_and_ingest(collection, "bees.txt", PUBLIC.encode())
-    results = retrieve("volcano magma bees", alice, top_k=2)
-    by_title = {r.document_title: n for n, r in enumerate(results, start=1)}
-    n_geo, n_bees = by_title["geo.pdf"], by_title["bees.txt"]
-    answer = f"Magma pressure makes volcanoes erupt [{n_geo}]. See also [{n_geo}, 9] and [0]."
-    [source] = cited_sources(answer, results)
-    assert source["n"] == n_geo and source["title"] == "geo.pdf" and source["page"] == 2
-    assert source["url"] == f"/documents/{results[n_geo - 1].document_id}/#page-2"
-    assert "magma" in source["snippet"]
-    both = cited_sources(f"Bees dance [{n_bees}]; magma [{n_geo}].", results)
-    assert [s["n"] for s in both] == [n_bees, n_geo]
-    assert cited_sources("No citations here.", results) == []
