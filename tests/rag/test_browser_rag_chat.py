@@ -38,7 +38,8 @@ PDF_PAGES = [
 QUESTION = "What colour are the roofs in Dunmere?"
 ANSWER_WORDS = "bright orange"
 MARKDOWN = b"# Glaciers\n\nGlaciers are rivers of ice. They carve U-shaped valleys and leave moraines behind.\n"
-BOB_TEXT = b"Bob's garden notes: tomatoes need full sun and steady watering every morning.\n"
+# On a neighbouring topic, so that retrieval for Bob's roof question really finds his passage.
+BOB_TEXT = b"Bob's garden notes: the shed roof is covered in moss, and tomatoes need full sun every morning.\n"
 
 
 def manage(env, *args):
@@ -131,6 +132,7 @@ def test_cited_answer_from_an_uploaded_pdf_and_nothing_of_it_for_another_user(ra
         log_in(page, stack, "alice")
         page.locator("nav").get_by_role("link", name="Documents").click()
         page.wait_for_url("**/documents/")
+        page.click(".new-collection summary")  # folded: Bob's public collection is listed already
         page.fill("#id_name", "Village survey")
         page.select_option("#id_kind", "general")
         page.select_option("#id_visibility", "private")
@@ -146,7 +148,7 @@ def test_cited_answer_from_an_uploaded_pdf_and_nothing_of_it_for_another_user(ra
         assert page.is_checked("input[name=rag]")
         answer = ask(page, QUESTION)
         assert ANSWER_WORDS in answer.locator(".content").inner_text().lower()
-        source = answer.locator(".pg-source").first
+        source = answer.locator(".pg-source").filter(has_text="survey.pdf")
         link = source.locator("a.pg-source-link")
         assert link.inner_text() == "survey.pdf"
         assert "page 2" in source.inner_text()
@@ -170,6 +172,7 @@ def test_cited_answer_from_an_uploaded_pdf_and_nothing_of_it_for_another_user(ra
         stack, "SELECT id FROM rag_chunk WHERE document_id IN (SELECT id FROM rag_document WHERE collection_id = ?)",
         bob_collection)}
     assert len(alice_documents) == 2 and alice_chunks and bob_chunks
+    assert query(stack, "SELECT status FROM rag_document WHERE collection_id = ?", bob_collection) == [("ready",)]
     [(alice_meta,)] = query(stack, "SELECT metrics FROM inference_message m JOIN inference_conversation c "
                                    "ON m.conversation_id = c.id JOIN governance_user u ON c.owner_id = u.id "
                                    "WHERE u.username = 'alice' AND m.role = 'assistant'")
@@ -201,8 +204,11 @@ def test_cited_answer_from_an_uploaded_pdf_and_nothing_of_it_for_another_user(ra
     assert not {s["document_id"] for s in json.loads(sources)} & set(alice_documents)
 
     # The search API and the OpenAI-compatible API: nothing of hers either.
-    found = api(stack, "bob", "POST", "/api/rag/search", json={"query": QUESTION, "top_k": 50}).json()["data"]
-    assert found and all(hit["document_id"] not in alice_documents and "orange" not in hit["text"] for hit in found)
+    for question in (QUESTION, "roof painted bright orange since 1852", "glaciers carve U-shaped valleys"):
+        found = api(stack, "bob", "POST", "/api/rag/search", json={"query": question, "top_k": 50}).json()["data"]
+        assert all(hit["document_id"] not in alice_documents and "orange" not in hit["text"] for hit in found)
+    found = api(stack, "bob", "POST", "/api/rag/search", json={"query": "moss on the shed roof"}).json()["data"]
+    assert [hit["document_title"] for hit in found] == ["garden.txt"]  # the search itself works for him
     denied = api(stack, "bob", "POST", "/api/rag/search", json={"query": QUESTION, "collections": [alice_collection]})
     assert denied.status_code == 404
     for document_id in alice_documents:
