@@ -74,7 +74,7 @@ class Plan:
     started: float
     overhead_s: float = 0.0
     released: bool = False
-    query: str = ""  # the last user message: attribution ignores the words the answer takes from it
+    query: str = ""  # the question: attribution does not count the words an answer repeats from it
 
 
 @dataclass

@@ -83,7 +83,7 @@ class LoadedIndex:
         scores = self.bm25.get_scores(known)
         k = min(n, len(scores))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((top, -scores[top]))]  # best first; ties by position, so results are stable
+        top = top[np.lexsort((top, -scores[top]))]  # best first, equal scores by position
         return [(int(self.bm25_ids[d]), float(scores[d])) for d in top if scores[d] > 0]
 
 

@@ -96,3 +96,30 @@ def test_a_shared_collection_is_readable_by_the_named_user_only(secret, collecti
     assert "Nightjar" in retrieve("Nightjar launch code", bob)[0].text
     assert all("Nightjar" not in r.text for r in retrieve("Nightjar launch code", carol))
     assert not collection.can_write(bob)
+
+
+def test_bm25_search_matches_bm25s_retrieve(collection, add_and_ingest, alice):
+    from pathlib import Path
+
+    from rag import index
+
+    documents = Path(__file__).resolve().parents[1] / "data" / "rag" / "documents"
+    for name in ("beekeeping.md", "volcanoes.md", "tea.md"):
+        add_and_ingest(collection, name, (documents / name).read_bytes())
+    loaded = index.load(collection.pk)
+    for query in ("queen eggs a day", "silica magma explosive eruptions", "green tea oxidation", "bees bees honey"):
+        known = [t for t in index.bm25_tokens(query) if t in loaded.bm25.vocab_dict]
+        docs, scores = loaded.bm25.retrieve([known], k=len(loaded.bm25_ids), show_progress=False, n_threads=0)
+        expected = [(int(loaded.bm25_ids[d]), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
+        got = loaded.bm25_search(query, len(loaded.bm25_ids))
+        assert got and [s for _, s in got] == pytest.approx([s for _, s in expected])
+        assert {i for i, _ in got} == {i for i, _ in expected}
+        assert loaded.bm25_search(query, 1) == got[:1]
+
+
+def test_query_embeddings_are_cached_read_only():
+    from rag.embedding import embed
+
+    first = embed_query("How hot are pyroclastic flows?")
+    assert embed_query("How hot are pyroclastic flows?") is first and not first.flags.writeable
+    assert first == pytest.approx(embed(["How hot are pyroclastic flows?"])[0], abs=1e-6)
