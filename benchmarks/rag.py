@@ -12,8 +12,14 @@ Runs side by side, in one process run, on a throw-away data dir and SQLite datab
   quality  — 76 questions over 12 documents written for this (tests/data/rag/): hit@5 and MRR@10
              for dense-only, BM25-only and hybrid (RRF). A hit is a retrieved passage from the
              right document that contains the answer phrase.
+  citations — the real model (SmolLM2-135M, greedy) answers --citation-questions of those
+             questions from their top 3 passages under each prompt layout in LAYOUTS: how many
+             answers carry valid [n] markers, contain the expected phrase, cite (marker or
+             attribution) any source and the answer's document; then the attribution thresholds
+             swept over all those answers and three unrelated ones. Not in the default parts
+             (minutes of generation on CPU).
 
-    python benchmarks/rag.py [--sizes 1000,10000,100000] [--queries 40] [--parts ingest,quality,latency]
+    python benchmarks/rag.py [--sizes 1000,10000,100000] [--queries 40] [--parts ingest,quality,latency,citations]
 """
 
 import argparse
@@ -152,16 +158,18 @@ def bench_latency(user, settings, sizes, questions, n_queries):
 
     import numpy as np
 
-    from rag import index
-    from rag.embedding import embed_query
+    from rag import embedding, index
     from rag.retrieval import retrieve
+
+    def embed_uncached(query):
+        return embedding.embed([query])[0]
 
     rng = np.random.default_rng(0)
     vocabulary = sorted({w for text in documents().values() for w in re.findall(r"[a-z]{3,}", text.decode().lower())})
     queries = [q["question"] for q in questions][:n_queries]
     for query in queries[:3]:
         retrieve(query, user, top_k=5)  # warm the model
-    embed_times = time_queries(embed_query, queries)
+    embed_times = time_queries(embed_uncached, queries)
     rows = []
     for size in sizes:
         start = time.perf_counter()
@@ -176,15 +184,97 @@ def bench_latency(user, settings, sizes, questions, n_queries):
             with index.lock(collection.pk):
                 loaded = index.rebuild(collection.pk)
             build_seconds = time.perf_counter() - start
-            qvecs = {q: embed_query(q) for q in queries}
+            qvecs = {q: embed_uncached(q) for q in queries}
             dense = time_queries(lambda q: loaded.dense_search(qvecs[q], 50), queries)
             bm25 = time_queries(lambda q: loaded.bm25_search(q, 50), queries)
+            embedding._cached_query.cache_clear()  # every query embedded once, as a new question is
             full = time_queries(lambda q: retrieve(q, user, collections=[collection.pk], top_k=5), queries)
+            # The same questions again: their embeddings come from the per-process LRU cache.
+            repeated = time_queries(lambda q: retrieve(q, user, collections=[collection.pk], top_k=5), queries)
             # The same call with the query already embedded: index searches, database, fusion.
             no_embed = time_queries(lambda q: retrieve(q, user, collections=[collection.pk], top_k=5, query_vector=qvecs[q]), queries)
-            rows.append((size, loaded.kind, insert_seconds, build_seconds, dense, bm25, no_embed, full))
+            rows.append((size, loaded.kind, insert_seconds, build_seconds, dense, bm25, no_embed, full, repeated))
             settings.R3MES_RAG_HNSW_THRESHOLD = 50000
     return embed_times, rows
+
+
+def _numbered(results):
+    from rag.citations import format_sources
+
+    return format_sources(results)
+
+
+def _system_layout(question, results):  # the layout before this comparison
+    return [{"role": "system", "content": "Answer the question using the numbered sources below. After each sentence "
+             "that uses a source, cite it as [n] with its number. If the sources do not contain the answer, say "
+             "that you do not know.\n\n" + _numbered(results)},
+            {"role": "user", "content": question}]
+
+
+def _pipeline_layout(question, results):  # what inference.pipeline builds
+    from rag.citations import SOURCES_INSTRUCTION, with_sources
+
+    return [{"role": "system", "content": SOURCES_INSTRUCTION}] + with_sources([{"role": "user", "content": question}], results)
+
+
+def _copy_layout(question, results):
+    return [{"role": "system", "content": "Answer the user's question with the sentence from the numbered sources "
+             "that answers it, copied word for word, followed by the source number in square brackets, for "
+             "example: The sky is blue [2]. If no source answers the question, say that you do not know."},
+            {"role": "user", "content": f"{_numbered(results)}\n\nQuestion: {question}"}]
+
+
+# Prompt layouts compared by the citations part: (question, results) -> chat messages.
+LAYOUTS = {"system": _system_layout, "user+example": _pipeline_layout, "user+copy": _copy_layout}
+UNRELATED = ["I am sorry, I cannot help with that request.", "The capital of France is Paris, a city on the Seine.",
+             "Python is a programming language that is easy to learn and widely used."]
+
+
+def bench_citations(user, questions, n_questions, layouts):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from django.conf import settings
+
+    from inference.engine import Engine
+    from rag import actions, citations
+    from rag.models import Collection
+    from rag.retrieval import retrieve
+
+    collection = Collection.objects.create(name="citations", owner=user)
+    for name, data in documents().items():
+        document, _ = actions.add_document(collection, user, SimpleUploadedFile(name, data), enqueue=False)
+        assert actions.ingest(document.pk) == "ready"
+    engine = Engine.load(cache_dir=settings.MODEL_CACHE_DIR)
+    asked = questions[1::max(1, len(questions) // n_questions)]
+    answers, table = [], {}
+    for layout in layouts:
+        row = dict(answers=0, markers=0, phrase=0, cited=0, right=0)
+        for q in asked:
+            results = retrieve(q["question"], user, collections=[collection.pk], top_k=3)
+            text = "".join(engine.generate(LAYOUTS[layout](q["question"], results), max_tokens=80, temperature=0.0))
+            cited = citations.cited_sources(text, results, q["question"])
+            row["answers"] += 1
+            row["markers"] += any(s["cited"] == "marker" for s in cited)
+            row["phrase"] += " ".join(q["answer"].lower().split()) in " ".join(text.lower().split())
+            row["cited"] += bool(cited)
+            row["right"] += any(s["title"] == q["document"] for s in cited)
+            answers.append((q, results, text))
+        table[layout] = row
+    sweep = {}
+    saved = citations.MIN_COVERAGE, citations.MIN_PHRASES
+    for coverage in (0.34, 0.5, 0.67):
+        for pairs in (0, 1):
+            citations.MIN_COVERAGE, citations.MIN_PHRASES = coverage, pairs
+            counts = dict(attributed=0, right=0, other=0, unrelated=0)
+            for q, results, text in answers:
+                cited = [s for s in citations.cited_sources(text, results, q["question"]) if s["cited"] == "attributed"]
+                counts["attributed"] += bool(cited)
+                counts["right"] += any(s["title"] == q["document"] for s in cited)
+                counts["other"] += any(s["title"] != q["document"] for s in cited)
+                counts["unrelated"] += sum(bool(citations.cited_sources(u, results, q["question"])) for u in UNRELATED)
+            sweep[(coverage, pairs)] = counts
+    citations.MIN_COVERAGE, citations.MIN_PHRASES = saved
+    return table, sweep, len(answers)
 
 
 def main():
@@ -192,6 +282,8 @@ def main():
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--parts", default="ingest,quality,latency", help="comma-separated subset to run")
+    parser.add_argument("--citation-questions", type=int, default=12)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="prompt layouts for the citations part")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     parts = set(args.parts.split(","))
@@ -224,20 +316,36 @@ def main():
             for (chunk_tokens, mode), (chunks, hit1, hit5, mrr) in bench_quality(user, settings, questions).items():
                 print(f"| {chunk_tokens} tokens | {chunks} | {mode} | {hit1:.3f} | {hit5:.3f} | {mrr:.3f} |")
 
+        if "citations" in parts:
+            layouts = args.layouts.split(",")
+            table, sweep, n_answers = bench_citations(user, questions, args.citation_questions, layouts)
+            print("\n## Citations (SmolLM2-135M, greedy, 80 tokens, top 3 passages)\n")
+            print("| layout | answers | valid [n] markers | expected phrase in the answer | cites a source | cites the answer's document |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: |")
+            for layout, row in table.items():
+                print(f"| {layout} | {row['answers']} | {row['markers']} | {row['phrase']} | {row['cited']} | {row['right']} |")
+            print(f"\nAttribution thresholds over those {n_answers} answers, and {len(UNRELATED)} unrelated answers per question:\n")
+            print("| coverage >= | adjacent pairs >= | answers attributed | to the answer's document | to another document | unrelated attributed |")
+            print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+            for (coverage, pairs), c in sweep.items():
+                print(f"| {coverage} | {pairs} | {c['attributed']} | {c['right']} | {c['other']} | "
+                      f"{c['unrelated']} of {len(UNRELATED) * n_answers} |")
+
         if "latency" not in parts:
             return
         print(f"\n## Retrieval latency ({args.queries} queries, synthetic chunks, top_k 5, 50 candidates per list)\n")
         embed_times, rows = bench_latency(user, settings, sizes, questions, args.queries)
         print(f"Query embedding alone: p50 {ms(statistics.median(embed_times))} ms, p95 {ms(p(embed_times, .95))} ms\n")
         print("| chunks | index | build s | dense p50 ms | BM25 p50 ms | retrieve() without embedding p50 / p95 ms "
-              "| vs 1k | retrieve() with embedding p50 / p95 ms |")
-        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "| vs 1k | retrieve() new question p50 / p95 ms | retrieve() repeated question p50 / p95 ms |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         base = None
-        for size, kind, _insert, build, dense, bm25, no_embed, full in rows:
+        for size, kind, _insert, build, dense, bm25, no_embed, full, repeated in rows:
             base = base or statistics.median(no_embed)
             print(f"| {size} | {kind} | {build:.1f} | {ms(statistics.median(dense))} | {ms(statistics.median(bm25))} | "
                   f"{ms(statistics.median(no_embed))} / {ms(p(no_embed, .95))} | {statistics.median(no_embed) / base:.2f} | "
-                  f"{ms(statistics.median(full))} / {ms(p(full, .95))} |")
+                  f"{ms(statistics.median(full))} / {ms(p(full, .95))} | "
+                  f"{ms(statistics.median(repeated))} / {ms(p(repeated, .95))} |")
 
 
 if __name__ == "__main__":

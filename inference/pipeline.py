@@ -24,7 +24,7 @@ from inference.experts import EXPERTS
 from inference.router import hybrid
 from r3mes_site import metrics
 
-from rag import retrieval
+from rag import citations, retrieval
 
 
 class PipelineError(ValueError):
@@ -63,7 +63,7 @@ class Plan:
     """What `Pipeline.prepare` decided for one request; `finish` turns it into a result."""
 
     options: Options
-    prompt: list  # chat messages with the system prompt and numbered sources
+    prompt: list  # chat messages with the system prompt, the numbered sources before the question
     mixture: list  # [(expert id, weight)]
     adapters: dict  # engine adapter name -> weight, for engine.sequence
     served: dict  # engine adapter name -> cache tier it came from (pinned until released)
@@ -74,13 +74,14 @@ class Plan:
     started: float
     overhead_s: float = 0.0
     released: bool = False
+    query: str = ""  # the question: attribution does not count the words an answer repeats from it
 
 
 @dataclass
 class PipelineResult:
     text: str
     experts: list  # [(expert id, weight)] actually used
-    sources: list  # cited sources (rag.retrieval.cited_sources), [] without retrieval
+    sources: list  # cited sources (rag.citations.cited_sources), [] without retrieval
     metrics: dict
     routing: hybrid.RoutingResult | None = None
     skipped: dict = field(default_factory=dict)  # expert -> why its adapter was not used (corrupt file)
@@ -221,7 +222,7 @@ class Pipeline:
             self._prefetch(routing, servable, mixture)
         adapters = {adapter_cache.engine_name(servable[e]): w for e, w in mixture}
         return Plan(options, prompt, mixture, adapters, served, results, routing, skipped, timings, started,
-                    overhead_s=time.perf_counter() - started)
+                    overhead_s=time.perf_counter() - started, query=query)
 
     def release(self, plan):
         """Unpins the plan's adapters (idempotent): a cancelled or failed request calls only this."""
@@ -244,10 +245,12 @@ class Pipeline:
             "keyword_confidence": routing.keyword_confidence if routing else None,
             "routed": routing is not None, "cache_hits": hits, "cache_misses": len(plan.served) - hits,
             "cache_tiers": plan.served, "retrieved": len(plan.results),
+            # Which passages the prompt held (all from collections the user may read), best first.
+            "retrieved_chunks": [result.chunk_id for result in plan.results],
             "backend": self.engine.capabilities()["backend"],
         }
         self._record(result_metrics, plan.mixture, tokens)
-        sources = retrieval.cited_sources(text, plan.results) if plan.results else []
+        sources = citations.cited_sources(text, plan.results, plan.query) if plan.results else []
         return PipelineResult(text, plan.mixture, sources, result_metrics, routing, plan.skipped, finish_reason)
 
     def stats(self) -> dict:
@@ -270,8 +273,8 @@ class Pipeline:
         if options.system_prompt:
             system.insert(0, options.system_prompt)
         if results:
-            system.append(retrieval.format_sources(results))
-        chat = [m for m in messages if m["role"] != "system"]
+            system.append(citations.SOURCES_INSTRUCTION)
+        chat = citations.with_sources([m for m in messages if m["role"] != "system"], results)
         return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + chat
 
     def _check_length(self, prompt, options):

@@ -43,8 +43,17 @@ def playground(request, pk=None):
             })
     return render(request, "inference/playground.html", {
         "conversations": conversations[:200], "conversation": conversation, "thread": thread, "query": query,
-        "options": conversation.options if conversation else {}, "pygments_css": pygments_css(),
+        "options": conversation.options if conversation else new_chat_options(request.user),
+        "pygments_css": pygments_css(),
     })
+
+
+def new_chat_options(user):
+    """A new chat answers from the user's documents when they have uploaded some (their own ready
+    documents: an explicit intent, unlike someone else's public collection)."""
+    from rag.models import Document
+
+    return {"rag": Document.objects.live().filter(collection__owner=user).exists()}
 
 
 @login_required

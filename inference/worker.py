@@ -405,7 +405,7 @@ class Scheduler:
                 sources = result.sources
                 extra = {k: result.metrics[k] for k in (
                     "retrieval_ms", "routing_ms", "adapter_loading_ms", "fast_path", "keyword_confidence",
-                    "cache_hits", "cache_misses", "retrieved")}
+                    "cache_hits", "cache_misses", "retrieved", "retrieved_chunks")}
             except Exception:  # the answer stands; only its sources and stats are lost
                 log.exception("finishing %s failed", job.request_id)
                 self.pipeline.release(job.plan)

@@ -1,5 +1,6 @@
 """all-MiniLM-L6-v2, loaded once per process from the packaged weights (never from a model hub)."""
 
+import functools
 import threading
 
 import numpy as np
@@ -54,5 +55,14 @@ def embed(texts, batch_size=None, on_batch=None):
     return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_query(text):
+    vector = embed([text])[0]
+    vector.flags.writeable = False  # shared by every caller of the cache
+    return vector
+
+
 def embed_query(text):
-    return embed([text])[0]
+    """The query's embedding, from a per-process LRU cache: the model pass is most of a
+    retrieval's time, and queries repeat (regenerate, edit, the same question from the API)."""
+    return _cached_query(text)

@@ -92,7 +92,7 @@ function describe(meta) {
   const parts = [];
   const experts = Object.entries(meta.experts || {});
   parts.push(experts.length ? "experts " + experts.map(([e, w]) => `${e} ${Number(w).toFixed(2)}`).join(", ") : "no expert (base model)");
-  if ((meta.sources || []).length) parts.push("sources " + meta.sources.map((s) => s.title || s.document || s.id || s).join("; "));
+  if ((meta.sources || []).length) parts.push(`${meta.sources.length} cited source${meta.sources.length > 1 ? "s" : ""}`);
   if (m.completion_tokens != null) parts.push(`${m.completion_tokens} tokens`);
   if (m.ttft_ms != null) parts.push(`TTFT ${Math.round(m.ttft_ms)} ms`);
   if (m.tokens_per_s != null) parts.push(`${m.tokens_per_s} tok/s`);
@@ -102,6 +102,40 @@ function describe(meta) {
   return parts.join(" · ");
 }
 
+// The sources an answer cites, under it: title (linking to the document at the page), page, how it
+// was cited, and the passage. Built with textContent: passages are user-uploaded text.
+function renderSources(div, sources) {
+  div.querySelector(".pg-sources")?.remove();
+  if (!sources || !sources.length) return;
+  const box = document.createElement("div");
+  box.className = "pg-sources";
+  const heading = document.createElement("p");
+  heading.className = "pg-sources-title";
+  heading.textContent = "Sources";
+  const list = document.createElement("ol");
+  for (const source of sources) {
+    const item = document.createElement("li");
+    item.className = "pg-source";
+    item.dataset.cited = source.cited || "marker";
+    const link = document.createElement("a");
+    link.className = "pg-source-link";
+    link.textContent = source.title || "document";
+    if (typeof source.url === "string" && source.url.startsWith("/")) link.href = source.url;  // same-site only
+    const facts = document.createElement("span");
+    facts.className = "muted small";
+    const how = source.cited === "attributed" ? "matched to the answer" : `cited as [${source.n}]`;
+    facts.textContent = ` · page ${source.page}${source.collection ? " · " + source.collection : ""} · ${how}`;
+    const quote = document.createElement("blockquote");
+    quote.className = "pg-source-quote";
+    quote.textContent = source.quote || source.snippet || "";
+    item.append(link, facts, quote);
+    list.appendChild(item);
+  }
+  box.append(heading, list);
+  const anchor = div.querySelector(".meta");
+  if (anchor) anchor.before(box); else div.appendChild(box);
+}
+
 function finishBubble(div, frame) {
   if (frame) {
     div.querySelector(".content").innerHTML = frame.html;
@@ -109,6 +143,7 @@ function finishBubble(div, frame) {
     if (!meta) { meta = document.createElement("div"); meta.className = "meta"; div.appendChild(meta); }
     meta.textContent = describe(frame);
     if (frame.finish_reason === "stopped") meta.textContent = "Stopped · " + meta.textContent;
+    renderSources(div, frame.sources);
     if (!div.querySelector(".actions")) answerActions(div);
     thread.querySelectorAll(".pg-regenerate").forEach((b) => { if (!div.contains(b)) b.remove(); });
   }
@@ -233,7 +268,13 @@ thread.addEventListener("click", (event) => {
 thread.querySelectorAll(".bubble.assistant").forEach((div) => {
   const data = div.querySelector('script[type="application/json"]');
   const meta = div.querySelector(".meta");
-  if (data && meta) { try { meta.textContent = describe(JSON.parse(data.textContent)); } catch (e) { /* no metadata */ } }
+  if (data && meta) {
+    try {
+      const stored = JSON.parse(data.textContent);
+      meta.textContent = describe(stored);
+      renderSources(div, stored.sources);
+    } catch (e) { /* no metadata */ }
+  }
 });
 
 connect();

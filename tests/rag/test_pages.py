@@ -58,3 +58,17 @@ def test_delete_from_the_page(alice_client, collection, add_and_ingest):
     document = add_and_ingest(collection, "a.txt", b"Some words about trees.")
     response = alice_client.post(f"/documents/{document.pk}/delete", HTTP_HX_REQUEST="true")
     assert response.status_code == 200 and not Document.objects.exists()
+
+
+def test_the_playground_uses_documents_by_default_once_the_user_has_ready_ones(alice_client, bob, collection,
+                                                                               add_and_ingest):
+    def rag_checked():
+        html = alice_client.get("/playground/").content.decode()
+        return 'name="rag" checked' in html
+
+    assert not rag_checked()
+    public = Collection.objects.create(name="bob's", owner=bob, visibility=Collection.Visibility.PUBLIC)
+    add_and_ingest(public, "bees.txt", b"Bees dance to show where flowers are.")
+    assert not rag_checked()  # someone else's public documents do not switch it on
+    add_and_ingest(collection, "rocks.txt", b"Basalt is a dark volcanic rock.")
+    assert rag_checked()
