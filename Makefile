@@ -9,13 +9,13 @@ R3MES_MODEL_CACHE_DIR ?= $(R3MES_DATA_DIR)/models
 export PORT R3MES_DATA_DIR R3MES_MODEL_CACHE_DIR
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test setup sysdeps test-sysdeps venv migrate model gpu-extra clean-venv
+.PHONY: run test setup sysdeps test-sysdeps test-extras venv migrate model gpu-extra clean-venv
 
 run: setup
 	@$(PY) manage.py r3mes demo
 	@exec scripts/run.sh
 
-test: setup test-sysdeps
+test: setup test-sysdeps test-extras
 	@set +e; $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
@@ -49,6 +49,14 @@ model: venv
 
 gpu-extra: venv
 	$(VENV)/bin/pip install -r requirements-gpu.txt
+
+# The suite runs the Triton kernels on CPU under TRITON_INTERPRET=1, so tests install the optional
+# extra (a 286 MB download, once); `make run` stays lean without it.
+test-extras: $(VENV)/.gpu-extra
+$(VENV)/.gpu-extra: requirements-gpu.txt $(VENV)/.installed
+	@echo "Installing the optional Triton extra for the kernel tests (first time: about a minute)…"
+	@$(VENV)/bin/pip install -q -r requirements-gpu.txt
+	@touch $@
 
 clean-venv:
 	rm -rf $(VENV)
