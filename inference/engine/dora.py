@@ -147,9 +147,14 @@ class DoraLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(x, self.base_layer(x))  # [B, T, out]: the one backbone product
+
+    def combine(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Add this projection's DoRA mixture to its backbone output `y` = base_layer(x), which the
+        caller may have computed as rows of a fused q|k|v or gate|up product (one backbone product
+        per layer whether or not adapters take part)."""
         if x.is_cuda and not torch.is_grad_enabled() and triton_kernels.available():
-            return self._forward_triton(x)  # CUDA inference: fused kernels (no autograd through them)
-        y = self.base_layer(x)  # [B, T, out]: the one backbone product
+            return self._combine_triton(x, y)  # CUDA inference: fused kernels (no autograd through them)
         ctx = self.context
         if ctx.training is not None and ctx.training in self.lora_A:
             return self._forward_live(x, y, ctx.training)
@@ -175,11 +180,11 @@ class DoraLinear(nn.Module):
         y = torch.addcmul(low, g_mix[:, None, :], y)
         return y if bias is None else y + bias
 
-    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        """forward() on CUDA: the same mixture formula, with the low-rank paths of every sequence
+    def _combine_triton(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """combine() on CUDA: the same mixture formula, with the low-rank paths of every sequence
         in one Triton shrink and one expand launch that also applies g_mix (triton_kernels.py).
         The active adapters are gathered inside the kernels, from the resident stacks."""
-        y = self.base_layer(x)
+        y = y.contiguous()  # may be a row slice of a fused product
         ctx = self.context
         if ctx.training is not None and ctx.training in self.lora_A:
             return self._forward_live(x, y, ctx.training)
