@@ -42,17 +42,29 @@ class AdapterContext:
         self.weights: torch.Tensor | None = None  # [B, n] mixture over the active adapters
         self.rest: torch.Tensor | None = None  # [B, 1] = 1 - sum(weights): backbone share of adapter-free rows
         self.training: str | None = None  # adapter trained live (norm recomputed, detached)
+        self.version = 0  # bumped whenever the mixture changes (DoraLinear caches key on it)
+        self._last = None  # (mixture, active, weights, rest) of the last mixture
 
     def set_mixture(self, mixture: torch.Tensor | None) -> None:
+        """Called around every forward. Decode steps usually repeat the previous step's mixture, so
+        an unchanged mixture keeps its `version` and every DoraLinear reuses what it derived from
+        it (g_mix, per-rank weights) instead of recomputing it 7 x n_layers times per token."""
         if mixture is None or mixture.numel() == 0:
             self.active = self.weights = None
             return
+        last = self._last
+        if last is not None and last[0].shape == mixture.shape and torch.equal(last[0], mixture):
+            self.active, self.weights, self.rest = last[1:]
+            return
+        self._last = None
+        self.version += 1
         used = (mixture > 0).any(dim=0).nonzero().squeeze(-1)  # [n]
         if used.numel() == 0:
             self.active = self.weights = None
             return
         self.active, self.weights = used, mixture[:, used]
         self.rest = 1 - self.weights.sum(-1, keepdim=True)
+        self._last = (mixture.clone(), self.active, self.weights, self.rest)
 
 
 @dataclass
@@ -91,6 +103,7 @@ class DoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.context = context
         self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
+        self.mix_cache = None  # (key, A, Bg, g_mix, w_r) for the context's current mixture
 
     # -- adapter bookkeeping -------------------------------------------------------------------
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float) -> None:
@@ -119,6 +132,7 @@ class DoraLinear(nn.Module):
         A module that an adapter does not target behaves as that adapter with g = 1 and B = 0, so
         the mixture formula holds for every module without special cases.
         """
+        self.mix_cache = None
         names = self.context.names
         if not names:
             self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
@@ -147,9 +161,14 @@ class DoraLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(x, self.base_layer(x))  # [B, T, out]: the one backbone product
+
+    def combine(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Add this projection's DoRA mixture to its backbone output `y` = base_layer(x), which the
+        caller may have computed as rows of a fused q|k|v or gate|up product (one backbone product
+        per layer whether or not adapters take part)."""
         if x.is_cuda and not torch.is_grad_enabled() and triton_kernels.available():
-            return self._forward_triton(x)  # CUDA inference: fused kernels (no autograd through them)
-        y = self.base_layer(x)  # [B, T, out]: the one backbone product
+            return self._combine_triton(x, y)  # CUDA inference: fused kernels (no autograd through them)
         ctx = self.context
         if ctx.training is not None and ctx.training in self.lora_A:
             return self._forward_live(x, y, ctx.training)
@@ -158,28 +177,36 @@ class DoraLinear(nn.Module):
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
             y = y - bias
-        w = ctx.weights.to(x.dtype)  # [B, n]
+        cache = self.mix_cache
+        if cache is None or cache[0] != (ctx.version, x.dtype):
+            cache = self.mix_cache = ((ctx.version, x.dtype), *self._mixture_terms(x.dtype))
+        _, A, Bg, g_mix, w_r = cache
+        # Two matmuls for all adapters and sequences: x A^T -> [B, T, n*r], weighted per sequence
+        # and adapter, then one product with the stacked (g*s)-scaled B factors.
+        low = ((x @ A.t()).mul_(w_r[:, None, :])) @ Bg  # [B, T, out]
+        y = torch.addcmul(low, g_mix[:, None, :], y)
+        return y if bias is None else y + bias
+
+    def _mixture_terms(self, dtype: torch.dtype):
+        """What combine() needs from the current mixture: the active adapters' stacked factors,
+        g_mix [B, out] (rows that use no adapter weigh the backbone by 1) and the weights repeated
+        over each adapter's rank [B, n*r]."""
+        ctx = self.context
+        w = ctx.weights.to(dtype)  # [B, n]
         if ctx.active.numel() == self.stack_A.shape[0]:  # every resident adapter in use: no gather
             A, Bg, g = self.flat_A, self.flat_B, self.stack_g
         else:
             A = self.stack_A[ctx.active].flatten(0, 1)
             Bg = self.stack_B[ctx.active].transpose(1, 2).flatten(0, 1)
             g = self.stack_g[ctx.active]
-        B_, T, n, r = x.shape[0], x.shape[1], w.shape[1], self.stack_A.shape[1]
-        # Rows that use no adapter weigh the backbone by 1.
-        g_mix = torch.addmm(ctx.rest.to(x.dtype), w, g)  # [B, out]
-        # Two matmuls for all adapters and sequences: x A^T -> [B, T, n*r], weighted per sequence
-        # and adapter, then one product with the stacked (g*s)-scaled B factors.
-        xa = (x @ A.t()).view(B_, T, n, r) * w[:, None, :, None]
-        low = xa.view(B_, T, n * r) @ Bg  # [B, T, out]
-        y = torch.addcmul(low, g_mix[:, None, :], y)
-        return y if bias is None else y + bias
+        g_mix = torch.addmm(ctx.rest.to(dtype), w, g)  # [B, out]
+        return A, Bg, g_mix, w.repeat_interleave(self.stack_A.shape[1], dim=1)
 
-    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        """forward() on CUDA: the same mixture formula, with the low-rank paths of every sequence
+    def _combine_triton(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """combine() on CUDA: the same mixture formula, with the low-rank paths of every sequence
         in one Triton shrink and one expand launch that also applies g_mix (triton_kernels.py).
         The active adapters are gathered inside the kernels, from the resident stacks."""
-        y = self.base_layer(x)
+        y = y.contiguous()  # may be a row slice of a fused product
         ctx = self.context
         if ctx.training is not None and ctx.training in self.lora_A:
             return self._forward_live(x, y, ctx.training)

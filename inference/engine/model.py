@@ -82,12 +82,19 @@ class RotaryEmbedding(nn.Module):
 
 def lowrank_active(*modules: nn.Module) -> bool:
     """True when one of these projections is a DoRA wrapper whose adapters take part in this
-    forward; then the per-projection path runs (fused products carry no adapter paths)."""
+    forward; then each projection adds its low-rank paths to its rows of the fused product."""
     for m in modules:
         ctx = getattr(m, "context", None)
         if ctx is not None and (ctx.weights is not None or (ctx.training is not None and ctx.training in m.lora_A)):
             return True
     return False
+
+
+def with_adapters(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`y` = this projection's backbone output (its rows of a fused product); a DoRA wrapper adds
+    its mixture on top, a plain projection (no adapter targets it) returns `y` as is."""
+    combine = getattr(module, "combine", None)
+    return y if combine is None else combine(x, y)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -165,9 +172,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.qkv_proj is not None and not lowrank_active(self.q_proj, self.k_proj, self.v_proj):
-            # One fused product for q|k|v, and RoPE applied to q and k in one go.
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd)
+        if self.qkv_proj is not None:
+            # One fused backbone product for q|k|v (with or without adapters), RoPE on q and k in one go.
+            qkv = self.qkv_proj(x)  # [B, T, (H + 2 Hkv) hd]
+            if lowrank_active(self.q_proj, self.k_proj, self.v_proj):
+                q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
+                qkv = torch.cat((with_adapters(self.q_proj, x, q), with_adapters(self.k_proj, x, k),
+                                 with_adapters(self.v_proj, x, v)), dim=-1)
+            qkv = qkv.view(B, T, H + 2 * Hkv, hd)
             qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H+Hkv, T, hd]
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, :, H + Hkv :].transpose(1, 2)
@@ -201,8 +213,10 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # set by speed.fuse_projections (rows gate|up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None and not lowrank_active(self.gate_proj, self.up_proj):
+        if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            if lowrank_active(self.gate_proj, self.up_proj):
+                gate, up = with_adapters(self.gate_proj, x, gate), with_adapters(self.up_proj, x, up)
             if self.bitnet:
                 return self.down_proj(self.ffn_sub_norm(F.relu(gate).square() * up))
             return self.down_proj(F.silu(gate) * up)

@@ -5,8 +5,9 @@ keeps working because every backbone linear still answers `dense_weight()` (the 
 need) and the per-projection modules stay where adapters expect them (HF module paths).
 
 - `fuse_projections`: one `qkv_proj` (rows q|k|v) and one `gate_up_proj` (rows gate|up) per layer.
-  The per-projection modules become row *views* of the fused weight (no second copy), and are
-  used only when a DoRA adapter takes part in the forward (its low-rank paths are per projection).
+  The per-projection modules become row *views* of the fused weight (no second copy); they stay
+  where adapters expect them, and a DoRA wrapper adds its low-rank paths to its rows of the fused
+  product (`DoraLinear.combine`), so adapters never cost a second backbone product.
 - `quantize_model(model, "int8" | "int4")`: every decoder projection and the lm_head become
   weight-only quantised linears on PyTorch's CPU kernels (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`). Activations enter those kernels in bfloat16 (the kernels'

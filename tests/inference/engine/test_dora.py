@@ -139,20 +139,34 @@ def test_batched_mixed_batch_equals_each_sequence_alone(tiny_engine, two_adapter
 
 
 def test_mixed_batch_runs_one_backbone_matmul_per_layer(tiny_engine, two_adapters):
+    """Adapters never add backbone products: with fused q|k|v and gate|up, each layer runs its four
+    backbone matmuls once for the whole batch, and the per-projection base layers stay unused."""
     a_dir, b_dir, _, _ = two_adapters
     tiny_engine.load_adapter("a", a_dir)
     tiny_engine.load_adapter("b", b_dir)
     calls = []
-    hooks = [m.base_layer.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
-             for m in dora_modules(tiny_engine.model).values()]
+    backbone = []
+    for layer in tiny_engine.model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.qkv_proj is not None and mlp.gate_up_proj is not None  # Engine.load fuses by default
+        backbone += [attn.qkv_proj, mlp.gate_up_proj, attn.o_proj.base_layer, mlp.down_proj.base_layer]
+        backbone += [getattr(p, "base_layer", p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)]
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].shape[0]))) for m in backbone]
     from inference.engine.generate import Sequence
 
     matrix = tiny_engine.mixture_matrix([Sequence([1], mixture=m) for m in ({"a": 1}, {"b": 1}, {"a": 1, "b": 1})])
     with torch.no_grad():
-        tiny_engine.model(torch.tensor([IDS[:4]] * 3), mixture=matrix)
+        mixed = tiny_engine.model(torch.tensor([IDS[:4]] * 3), mixture=matrix)
     for h in hooks:
         h.remove()
-    assert len(calls) == len(dora_modules(tiny_engine.model)) and set(calls) == {3}
+    assert len(calls) == 4 * len(tiny_engine.model.model.layers) and {n for _, n in calls} == {3}
+    assert {id(m) for m, _ in calls} == {id(m) for i, m in enumerate(backbone) if i % 9 < 4}
+    # and the fused path gives what each projection computed on its own would
+    for layer in tiny_engine.model.model.layers:
+        layer.self_attn.qkv_proj, layer.mlp.gate_up_proj = None, None
+    with torch.no_grad():
+        separate = tiny_engine.model(torch.tensor([IDS[:4]] * 3), mixture=matrix)
+    assert (mixed - separate).abs().max().item() < 1e-4
 
 
 def test_unload_adapter_restores_base_logits(tiny_engine, two_adapters):
