@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bitlinear import BitLinear
+from .dora import combine_group
 
 
 @dataclass
@@ -176,9 +177,12 @@ class Attention(nn.Module):
             # One fused backbone product for q|k|v (with or without adapters), RoPE on q and k in one go.
             qkv = self.qkv_proj(x)  # [B, T, (H + 2 Hkv) hd]
             if lowrank_active(self.q_proj, self.k_proj, self.v_proj):
-                q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
-                qkv = torch.cat((with_adapters(self.q_proj, x, q), with_adapters(self.k_proj, x, k),
-                                 with_adapters(self.v_proj, x, v)), dim=-1)
+                grouped = combine_group((self.q_proj, self.k_proj, self.v_proj), x, qkv, self)
+                if grouped is None:
+                    q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
+                    grouped = torch.cat((with_adapters(self.q_proj, x, q), with_adapters(self.k_proj, x, k),
+                                         with_adapters(self.v_proj, x, v)), dim=-1)
+                qkv = grouped
             qkv = qkv.view(B, T, H + 2 * Hkv, hd)
             qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H+Hkv, T, hd]
             q, k = qk[:, :H], qk[:, H:]
@@ -214,8 +218,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            grouped = None
             if lowrank_active(self.gate_proj, self.up_proj):
+                grouped = combine_group((self.gate_proj, self.up_proj), x, gate_up, self)
+            gate, up = (gate_up if grouped is None else grouped).chunk(2, dim=-1)
+            if grouped is None and lowrank_active(self.gate_proj, self.up_proj):
                 gate, up = with_adapters(self.gate_proj, x, gate), with_adapters(self.up_proj, x, up)
             if self.bitnet:
                 return self.down_proj(self.ffn_sub_norm(F.relu(gate).square() * up))

@@ -161,6 +161,9 @@ def test_mixed_batch_runs_one_backbone_matmul_per_layer(tiny_engine, two_adapter
         h.remove()
     assert len(calls) == 4 * len(tiny_engine.model.model.layers) and {n for _, n in calls} == {3}
     assert {id(m) for m, _ in calls} == {id(m) for i, m in enumerate(backbone) if i % 9 < 4}
+    # every projection carries adapter "a": q|k|v and gate|up took the grouped low-rank path
+    assert all(l.self_attn.group_mix_cache is not None and l.mlp.group_mix_cache is not None
+               for l in tiny_engine.model.model.layers)
     # and the fused path gives what each projection computed on its own would
     for layer in tiny_engine.model.model.layers:
         layer.self_attn.qkv_proj, layer.mlp.gate_up_proj = None, None
