@@ -43,6 +43,17 @@ def two_adapters(tiny_llama_dir, tmp_path):
     return tmp_path / "a", tmp_path / "b", peft_logits(a), peft_logits(b)
 
 
+def test_adapter_on_every_projection_gives_peft_logits_through_the_grouped_path(tiny_llama_dir, tiny_engine, tmp_path):
+    from inference.engine.dora import DEFAULT_TARGETS
+
+    peft_model = make_peft_adapter(tiny_llama_dir, tmp_path / "all", targets=DEFAULT_TARGETS)
+    tiny_engine.load_adapter("all", tmp_path / "all")
+    got = tiny_engine.logits(IDS, adapters={"all": 1.0})
+    assert all(hasattr(l.self_attn, "group_mix_cache") and hasattr(l.mlp, "group_mix_cache")
+               for l in tiny_engine.model.model.layers)
+    assert (got - peft_logits(peft_model)).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_dora_adapter_gives_peft_logits(tiny_llama_dir, tiny_engine, tmp_path, rslora):
     peft_model = make_peft_adapter(tiny_llama_dir, tmp_path / "ad", rslora=rslora)
@@ -161,8 +172,9 @@ def test_mixed_batch_runs_one_backbone_matmul_per_layer(tiny_engine, two_adapter
         h.remove()
     assert len(calls) == 4 * len(tiny_engine.model.model.layers) and {n for _, n in calls} == {3}
     assert {id(m) for m, _ in calls} == {id(m) for i, m in enumerate(backbone) if i % 9 < 4}
-    # every projection carries adapter "a": q|k|v and gate|up took the grouped low-rank path
-    assert all(l.self_attn.group_mix_cache is not None and l.mlp.group_mix_cache is not None
+    # q, k and v all carry an adapter: one grouped low-rank path; gate_proj carries none, so the
+    # MLP combined per projection
+    assert all(hasattr(l.self_attn, "group_mix_cache") and not hasattr(l.mlp, "group_mix_cache")
                for l in tiny_engine.model.model.layers)
     # and the fused path gives what each projection computed on its own would
     for layer in tiny_engine.model.model.layers:
