@@ -1,0 +1,58 @@
+"""Cost of a 3-adapter DoRA mixture on single-stream decode, int4 serving mode, one process.
+
+Alternates three configurations five times and compares medians (this machine is shared; runs
+far apart in time are not comparable): no adapter, the mixture through the fused q|k|v and gate|up
+products with grouped low-rank paths (what serves), and the mixture with the fused products
+switched off (each projection its own backbone product and low-rank path).
+
+    python benchmarks/engine_mixture.py
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+torch.set_num_threads(2)
+from engine import add_random_adapters  # noqa: E402
+
+from inference.engine import Engine  # noqa: E402
+
+eng = Engine.load(cache_dir=str(ROOT / "var/models"), quant="int4")
+add_random_adapters(eng)  # three random r=8 DoRA adapters on all seven projections of every layer
+layers = eng.model.model.layers
+fused = [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in layers]
+MIX = {"a": 0.5, "b": 0.3, "c": 0.2}
+
+
+def set_fused(on: bool) -> None:
+    for layer, (qkv, gate_up) in zip(layers, fused):
+        layer.self_attn.qkv_proj, layer.mlp.gate_up_proj = (qkv, gate_up) if on else (None, None)
+
+
+def decode_tok_s(adapters) -> float:
+    seq = eng.sequence("Explain in detail how a steam engine works, step by step.", max_tokens=48,
+                       ignore_eos=True, adapters=adapters)
+    batch = eng.new_batch(max_batch=1, max_seq_len=256)
+    batch.add(seq)
+    batch.step()  # prefill
+    t = time.perf_counter()
+    while len(batch):
+        batch.step()
+    return (len(seq.output_ids) - 1) / (time.perf_counter() - t)
+
+
+res = {"no adapter": [], "mixture, fused + grouped": [], "mixture, per projection": []}
+for _ in range(5):
+    set_fused(True)
+    res["no adapter"].append(decode_tok_s(None))
+    res["mixture, fused + grouped"].append(decode_tok_s(MIX))
+    set_fused(False)
+    res["mixture, per projection"].append(decode_tok_s(MIX))
+base = statistics.median(res["no adapter"])
+for name, runs in res.items():
+    print(f"{name:26} median {statistics.median(runs):6.1f} tok/s  ÷ no adapter {statistics.median(runs) / base:.2f}",
+          [round(x) for x in runs])
