@@ -1,4 +1,5 @@
 from celery import shared_task
+from celery.signals import worker_ready
 
 from r3mes_site import metrics
 
@@ -18,3 +19,19 @@ def train_starter_experts():
         demo.release_training_claim()
     metrics.jobs.labels(job="train_starter_experts", outcome="ok").inc()
     return [f"{a.expert} v{a.version}" for a in adapters]
+
+
+@worker_ready.connect
+def queue_starters_on_start(sender=None, **kwargs):
+    """`make run` seeds its demo before Redis is up: the worker queues the starter training then."""
+    import logging
+
+    from inference import demo
+
+    try:
+        message = demo.queue_starter_training()
+    except Exception:  # a worker must start even when this cannot run (e.g. database not migrated)
+        logging.getLogger(__name__).exception("could not queue the starter training")
+        return
+    if message:
+        logging.getLogger(__name__).info(message)

@@ -67,3 +67,27 @@ def test_demo_queues_nothing_when_starters_exist(db, settings):
 
 def test_starter_data_files_are_committed():
     assert sorted(p.stem for p in DATA_DIR.glob("*.jsonl")) == sorted(STARTERS)
+
+
+def test_demo_before_redis_is_up_defers_training_to_the_worker_start(db, settings):
+    """`make run` seeds before its Redis starts: seeding must not fail, and a starting Celery
+    worker (the worker_ready signal, sent here as Celery sends it) queues the training once."""
+    from celery.signals import worker_ready
+
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    settings.R3MES_STARTER_AUTO_TRAIN = True
+    real_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    out = io.StringIO()
+    demo.seed(out)
+    assert "when the Celery worker starts" in out.getvalue()
+    settings.REDIS_URL = real_url
+    client = redis.Redis.from_url(real_url)
+    client.delete(demo.CLAIM_KEY, "celery")
+    try:
+        worker_ready.send(sender=None)
+        worker_ready.send(sender=None)
+        queued = [json.loads(m)["headers"]["task"] for m in client.lrange("celery", 0, -1)]
+        assert queued == ["inference.tasks.train_starter_experts"]
+    finally:
+        client.delete(demo.CLAIM_KEY, "celery")
