@@ -84,6 +84,11 @@ class AdapterSpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+def use_triton(x: torch.Tensor) -> bool:
+    """CUDA inference takes the fused Triton kernels (no autograd through them)."""
+    return x.is_cuda and not torch.is_grad_enabled() and triton_kernels.available()
+
+
 class DoraLinear(nn.Module):
     """Wraps a backbone linear (`base_layer`, dense or BitLinear) and adds the DoRA paths.
 
@@ -167,8 +172,6 @@ class DoraLinear(nn.Module):
         """Add this projection's DoRA mixture to its backbone output `y` = base_layer(x), which the
         caller may have computed as rows of a fused q|k|v or gate|up product (one backbone product
         per layer whether or not adapters take part)."""
-        if x.is_cuda and not torch.is_grad_enabled() and triton_kernels.available():
-            return self._combine_triton(x, y)  # CUDA inference: fused kernels (no autograd through them)
         ctx = self.context
         if ctx.training is not None and ctx.training in self.lora_A:
             return self._forward_live(x, y, ctx.training)
@@ -177,11 +180,14 @@ class DoraLinear(nn.Module):
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
             y = y - bias
-        A, Bg, g_mix, w_r = self.mixture_terms(x.dtype)
-        # Two matmuls for all adapters and sequences: x A^T -> [B, T, n*r], weighted per sequence
-        # and adapter, then one product with the stacked (g*s)-scaled B factors.
-        low = ((x @ A.t()).mul_(w_r[:, None, :])) @ Bg  # [B, T, out]
-        y = torch.addcmul(low, g_mix[:, None, :], y)
+        if use_triton(x):
+            y = self._lowrank_triton(x, y)
+        else:
+            A, Bg, g_mix, w_r = self.mixture_terms(x.dtype)
+            # Two matmuls for all adapters and sequences: x A^T -> [B, T, n*r], weighted per sequence
+            # and adapter, then one product with the stacked (g*s)-scaled B factors.
+            low = ((x @ A.t()).mul_(w_r[:, None, :])) @ Bg  # [B, T, out]
+            y = torch.addcmul(low, g_mix[:, None, :], y)
         return y if bias is None else y + bias
 
     def mixture_terms(self, dtype: torch.dtype):
@@ -207,23 +213,15 @@ class DoraLinear(nn.Module):
         g_mix = torch.addmm(ctx.rest.to(dtype), w, g)  # [B, out]
         return A, Bg, g_mix, w.repeat_interleave(self.stack_A.shape[1], dim=1)
 
-    def _combine_triton(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """combine() on CUDA: the same mixture formula, with the low-rank paths of every sequence
-        in one Triton shrink and one expand launch that also applies g_mix (triton_kernels.py).
-        The active adapters are gathered inside the kernels, from the resident stacks."""
-        y = y.contiguous()  # may be a row slice of a fused product
+    def _lowrank_triton(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """combine()'s mixture on CUDA: the low-rank paths of every sequence in one Triton shrink and
+        one expand launch that also applies g_mix (triton_kernels.py). The active adapters are
+        gathered inside the kernels, from the resident stacks."""
         ctx = self.context
-        if ctx.training is not None and ctx.training in self.lora_A:
-            return self._forward_live(x, y, ctx.training)
-        if ctx.weights is None or self.stack_A is None:
-            return y
-        bias = getattr(self.base_layer, "bias", None)
-        if bias is not None:
-            y = y - bias
         w = ctx.weights.to(x.device, torch.float32)  # [B, n]
         g_mix = torch.addmm(ctx.rest.to(x.device, torch.float32), w, self.stack_g[ctx.active].float())  # [B, out]
-        y = triton_kernels.dora_mixture(x, y, self.flat_A, self.flat_B, self.stack_A.shape[1], ctx.active, w, g_mix)
-        return y if bias is None else y + bias
+        return triton_kernels.dora_mixture(x, y.contiguous(), self.flat_A, self.flat_B, self.stack_A.shape[1],
+                                           ctx.active, w, g_mix)
 
     def _forward_live(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
         # Training: gradients reach A, B and m; the norm is detached (DoRA paper sec. 4.3, as PEFT).
@@ -242,16 +240,16 @@ def combine_group(modules, x: torch.Tensor, y: torch.Tensor, cache_owner: nn.Mod
     `y` holds their outputs side by side. Their low-rank paths run as ONE shrink (stacked A) and ONE
     expand (block-diagonal B) instead of two matmuls per projection: on a 135M model at decode,
     per-op overhead, not arithmetic, is what adapters cost. Returns None when the group cannot take
-    this path (a projection without adapters, live training, CUDA kernels, biases); the caller then
+    this path (a projection without adapters, live training, Triton kernels, biases); the caller then
     combines per projection.
     """
     if not all(isinstance(m, DoraLinear) and m.stack_A is not None for m in modules):
         return None
     ctx = modules[0].context
+    if ctx.training is not None or use_triton(x) or any(getattr(m.base_layer, "bias", None) is not None for m in modules):
+        return None
     if ctx.weights is None:
         return y
-    if ctx.training is not None or x.is_cuda or any(getattr(m.base_layer, "bias", None) is not None for m in modules):
-        return None
     terms = [m.mixture_terms(x.dtype) for m in modules]
     key = (ctx.version, x.dtype, tuple(id(t[0]) for t in terms), tuple(id(t[1]) for t in terms))
     cache = getattr(cache_owner, "group_mix_cache", None)

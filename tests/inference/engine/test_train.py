@@ -90,6 +90,19 @@ def test_trainer_changes_only_dora_parameters_and_saves_a_peft_adapter(tiny_llam
     assert torch.allclose(fresh.logits(ids, adapters={"t": 1.0}), ours, atol=1e-5)
 
 
+def test_trainer_updates_every_projection_when_it_targets_all_seven(tiny_engine):
+    """With q, k and v (and gate, up) all adapted, the forward runs the fused backbone products;
+    live training must still take each projection's own DoRA path, so every B (zero at start) moves."""
+    from inference.engine.dora import DEFAULT_TARGETS, dora_modules
+
+    train_dora(tiny_engine, FACTS, TrainConfig(rank=4, alpha=8, lr=1e-2, steps=2, batch_size=2,
+                                               target_modules=DEFAULT_TARGETS), adapter="all")
+    modules = dora_modules(tiny_engine.model)
+    assert len(modules) == 7 * len(tiny_engine.model.model.layers)
+    unmoved = [path for path, m in modules.items() if not m.lora_B["all"].abs().sum() > 0]
+    assert unmoved == []
+
+
 def test_trainer_records_eval_loss_and_continues_an_existing_adapter(tiny_engine, tmp_path):
     data = FACTS * 2
     evals = []

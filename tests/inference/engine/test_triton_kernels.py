@@ -16,7 +16,7 @@ import torch
 
 from inference.engine import triton_kernels as tk
 from inference.engine.bitlinear import BitLinear, pack_ternary
-from inference.engine.dora import DoraLinear
+from inference.engine import dora
 
 from .test_dora import IDS, make_peft_adapter
 
@@ -159,7 +159,7 @@ def test_mixed_batch_through_both_kernels_gives_the_pytorch_logits(interpreter, 
         expected = engine.model(tokens, mixture=matrix)
         decode_expected = engine.model(tokens[:, :1], mixture=matrix)
         # the CUDA routing, forced on CPU tensors
-        monkeypatch.setattr(DoraLinear, "combine", DoraLinear._combine_triton)
+        monkeypatch.setattr(dora, "use_triton", lambda x: True)
         monkeypatch.setattr(BitLinear, "_forward_int8", tk.bitlinear_forward)
         got = engine.model(tokens, mixture=matrix)
         decode_got = engine.model(tokens[:, :1], mixture=matrix)
