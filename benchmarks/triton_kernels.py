@@ -86,16 +86,6 @@ def bench_w2a8_cuda(prefill_m: int, dev="cuda", shapes=SHAPES) -> list[dict]:
     return rows
 
 
-def torch_mixture(x, y, flat_A, flat_B, r, active, weights, g_mix):
-    """DoraLinear.forward's PyTorch arithmetic: gather the active stacks, two matmuls, addcmul."""
-    A = flat_A.view(-1, r, flat_A.shape[1])[active].flatten(0, 1)
-    Bg = flat_B.view(-1, r, flat_B.shape[1])[active].flatten(0, 1)
-    B_, T, n = x.shape[0], x.shape[1], active.numel()
-    xa = (x @ A.t()).view(B_, T, n, r) * weights.to(x.dtype)[:, None, :, None]
-    low = xa.view(B_, T, n * r) @ Bg
-    return torch.addcmul(low, g_mix.to(x.dtype)[:, None, :], y)
-
-
 def mixture_inputs(b, t, k, n, n_res, r, device, dtype, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(b, t, k, generator=gen).to(device, dtype)
@@ -115,10 +105,10 @@ def bench_dora_mixture_cuda(t_prefill: int, dev="cuda", k=DIM, n=HIDDEN) -> list
     for t in (1, t_prefill):
         args = mixture_inputs(8, t, k, n, 8, 16, dev, torch.bfloat16)
         with torch.inference_mode():
-            ref = torch_mixture(*args).float()
+            ref = tk.dora_mixture_reference(*args).float()
             got = tk.dora_mixture(*args).float()
             err = ((got - ref).abs().max() / ref.abs().max()).item()
-            pt = cuda_time_us(lambda: torch_mixture(*args))
+            pt = cuda_time_us(lambda: tk.dora_mixture_reference(*args))
             tr = cuda_time_us(lambda: tk.dora_mixture(*args))
         rows.append(dict(case=f"8 seqs x {t} tokens, 8 adapters r=16, 3 per seq, {k}->{n}", pytorch_us=pt,
                          triton_us=tr, speedup=pt / tr, max_rel_err=err))
@@ -139,7 +129,7 @@ def interpreter_check() -> dict:
                 same = torch.equal(tk.bitlinear_forward(layer, x), layer._forward_int8(x))
             out["w2a8 == BitLinear._forward_int8 (" + ("bitlinear" if divide else "autobitlinear") + ")"] = same
         args = mixture_inputs(4, 3, 130, 70, 5, 8, "cpu", torch.float32)
-        ref = torch_mixture(*args)
+        ref = tk.dora_mixture_reference(*args)
         err = ((tk.dora_mixture(*args) - ref).abs().max() / ref.abs().max()).item()
         out["dora mixture max relative error vs PyTorch"] = err
         out["seconds"] = time.perf_counter() - start

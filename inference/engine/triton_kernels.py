@@ -264,6 +264,17 @@ def _expand_kernel(t_ptr, b_ptr, idx_ptr, y_ptr, g_ptr, o_ptr, M, N, J, R, T,
     tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :], acc + g * y, mask=mask)
 
 
+def dora_mixture_reference(x, y, flat_A, flat_B, r, active, weights, g_mix):
+    """dora_mixture's arguments through DoraLinear.combine's PyTorch arithmetic (gather the active
+    stacks, two matmuls, addcmul): what the kernels are checked and timed against."""
+    A = flat_A.view(-1, r, flat_A.shape[1])[active].flatten(0, 1)
+    Bg = flat_B.view(-1, r, flat_B.shape[1])[active].flatten(0, 1)
+    B_, T, n = x.shape[0], x.shape[1], active.numel()
+    xa = (x @ A.t()).view(B_, T, n, r) * weights.to(x.dtype)[:, None, :, None]
+    low = xa.view(B_, T, n * r) @ Bg
+    return torch.addcmul(low, g_mix.to(x.dtype)[:, None, :], y)
+
+
 def dora_mixture(x: torch.Tensor, y: torch.Tensor, flat_A: torch.Tensor, flat_B: torch.Tensor, r: int,
                  active: torch.Tensor, weights: torch.Tensor, g_mix: torch.Tensor) -> torch.Tensor:
     """DoraLinear's mixture combine in two launches (shrink, expand):

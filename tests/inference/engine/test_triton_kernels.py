@@ -86,16 +86,6 @@ def test_w2a8_kernel_bf16_output_is_the_float32_result_rounded(interpreter):
     assert ((got.float() - expected.float()).abs() <= expected.float().abs() * 2**-7 + 1e-6).all()
 
 
-def torch_mixture(x, y, flat_A, flat_B, r, active, weights, g_mix):
-    """DoraLinear.forward's PyTorch arithmetic for the same inputs (gather, two matmuls, addcmul)."""
-    A = flat_A.view(-1, r, flat_A.shape[1])[active].flatten(0, 1)
-    Bg = flat_B.view(-1, r, flat_B.shape[1])[active].flatten(0, 1)
-    B_, T, n = x.shape[0], x.shape[1], active.numel()
-    xa = (x @ A.t()).view(B_, T, n, r) * weights.to(x.dtype)[:, None, :, None]
-    low = xa.view(B_, T, n * r) @ Bg
-    return torch.addcmul(low, g_mix.to(x.dtype)[:, None, :], y)
-
-
 # (batch, tokens, in, out, resident adapters, rank, active): decode (T=1) and prefill rows, n*r
 # below and above the 32-wide J block, a rank that is no power of two, a gathered subset, and
 # inputs long enough for the shrink's split-K (2, 6 and 5 chunks in the 2nd, 5th and 6th case).
@@ -119,7 +109,7 @@ def test_dora_mixture_kernel_matches_the_pytorch_two_matmul_path(interpreter, b,
     if b > 1:
         g_mix[0] = 1
     got = tk.dora_mixture(x, y, flat_A, flat_B, r, active, weights, g_mix)
-    expected = torch_mixture(x, y, flat_A, flat_B, r, active, weights, g_mix)
+    expected = tk.dora_mixture_reference(x, y, flat_A, flat_B, r, active, weights, g_mix)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert (got - y).abs().max() > 0.1  # the adapters contribute
     if b > 1:
@@ -133,8 +123,8 @@ def test_dora_mixture_kernel_bf16_matches_within_bf16_rounding(interpreter):
     active, weights = torch.tensor([0, 1, 2]), torch.rand(4, 3, generator=gen)
     g_mix = torch.rand(4, 40, generator=gen) + 0.5
     got = tk.dora_mixture(x, y, flat_A, flat_B, 4, active, weights, g_mix)
-    exact = torch_mixture(x.float(), y.float(), flat_A.float(), flat_B.float(), 4, active, weights, g_mix)
-    pytorch_bf16 = torch_mixture(x, y, flat_A, flat_B, 4, active, weights, g_mix).float()
+    exact = tk.dora_mixture_reference(x.float(), y.float(), flat_A.float(), flat_B.float(), 4, active, weights, g_mix)
+    pytorch_bf16 = tk.dora_mixture_reference(x, y, flat_A, flat_B, 4, active, weights, g_mix).float()
     # the kernel keeps the low-rank sums in float32, so it is at least as close to exact as PyTorch's bf16
     assert got.dtype == torch.bfloat16
     assert (got.float() - exact).abs().max() <= max((pytorch_bf16 - exact).abs().max(), 2**-7 * exact.abs().max())
