@@ -272,18 +272,25 @@ STACKED = {"mean", "krum", "multi_krum"}
 
 
 # -- back to DoRA form -------------------------------------------------------------------------
-def _svd_factor(D: torch.Tensor, rank: int, scaling: float):
-    """Truncated SVD of a dense delta: (A [rank, in], B [out, rank], relative error)."""
-    U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+def _truncate(U, S, Vh, rank: int, scaling: float):
+    """Rank-`rank` DoRA factors of U diag(S) Vh / scaling, split as sqrt(S) on each side:
+    (A [rank, in], B [out, rank], relative Frobenius error of the truncation); rows past the
+    matrix's own rank stay zero."""
     k = min(rank, S.shape[0])
     total = float((S * S).sum())
     err = math.sqrt(float((S[k:] ** 2).sum()) / total) if total > 0 else 0.0
     root = S[:k].sqrt()
-    A = torch.zeros(rank, D.shape[1], dtype=torch.float64)
-    B = torch.zeros(D.shape[0], rank, dtype=torch.float64)
+    A = torch.zeros(rank, Vh.shape[1], dtype=torch.float64)
+    B = torch.zeros(U.shape[0], rank, dtype=torch.float64)
     A[:k] = root[:, None] * Vh[:k]
     B[:, :k] = U[:, :k] * root[None, :] / scaling
     return A.float(), B.float(), err
+
+
+def _svd_factor(D: torch.Tensor, rank: int, scaling: float):
+    """Truncated SVD of a dense delta: (A [rank, in], B [out, rank], relative error)."""
+    U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+    return _truncate(U, S, Vh, rank, scaling)
 
 
 def _stacked_factor(parts, scaling):
@@ -298,15 +305,7 @@ def _lowrank_svd(A, B, rank, scaling):
     Qb, Rb = torch.linalg.qr(B.double())
     Qa, Ra = torch.linalg.qr(A.double().T)
     U, S, Vh = torch.linalg.svd(scaling * Rb @ Ra.T)
-    k = min(rank, S.shape[0])
-    total = float((S * S).sum())
-    err = math.sqrt(float((S[k:] ** 2).sum()) / total) if total > 0 else 0.0
-    root = S[:k].sqrt()
-    A_out = torch.zeros(rank, A.shape[1], dtype=torch.float64)
-    B_out = torch.zeros(B.shape[0], rank, dtype=torch.float64)
-    A_out[:k] = root[:, None] * (Qa @ Vh[:k].T).T
-    B_out[:, :k] = (Qb @ U[:, :k]) * root[None, :] / scaling
-    return A_out.float(), B_out.float(), err
+    return _truncate(Qb @ U, S, Vh @ Qa.T, rank, scaling)
 
 
 def to_state_dict(modules: dict[str, Module]) -> dict[str, torch.Tensor]:
