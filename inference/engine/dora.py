@@ -107,8 +107,9 @@ class DoraLinear(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.context = context
+        self.bias = getattr(base_layer, "bias", None)  # the backbone's (a plain attribute: read per token)
         self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
-        self.mix_cache = None  # (key, A, Bg, g_mix, w_r) for the context's current mixture
+        self.mix_plan = None  # (key, plan) for the context's current mixture (see mixture_plan)
 
     # -- adapter bookkeeping -------------------------------------------------------------------
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float) -> None:
@@ -137,7 +138,7 @@ class DoraLinear(nn.Module):
         A module that an adapter does not target behaves as that adapter with g = 1 and B = 0, so
         the mixture formula holds for every module without special cases.
         """
-        self.mix_cache = None
+        self.context.version += 1  # cached mixture plans are stale
         names = self.context.names
         if not names:
             self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
@@ -171,47 +172,20 @@ class DoraLinear(nn.Module):
     def combine(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add this projection's DoRA mixture to its backbone output `y` = base_layer(x), which the
         caller may have computed as rows of a fused q|k|v or gate|up product (one backbone product
-        per layer whether or not adapters take part)."""
+        per layer whether or not adapters take part). Without autograd, `y` is updated in place."""
         ctx = self.context
         if ctx.training is not None and ctx.training in self.lora_A:
             return self._forward_live(x, y, ctx.training)
         if ctx.weights is None or self.stack_A is None:
             return y
-        bias = getattr(self.base_layer, "bias", None)
+        bias = self.bias
         if bias is not None:
             y = y - bias
         if use_triton(x):
             y = self._lowrank_triton(x, y)
         else:
-            A, Bg, g_mix, w_r = self.mixture_terms(x.dtype)
-            # Two matmuls for all adapters and sequences: x A^T -> [B, T, n*r], weighted per sequence
-            # and adapter, then one product with the stacked (g*s)-scaled B factors.
-            low = ((x @ A.t()).mul_(w_r[:, None, :])) @ Bg  # [B, T, out]
-            y = torch.addcmul(low, g_mix[:, None, :], y)
+            y = apply_mixture(mixture_plan((self,), x.dtype, self, bias_free=True), x, y)  # stack_A: never ()
         return y if bias is None else y + bias
-
-    def mixture_terms(self, dtype: torch.dtype):
-        """(A [n*r, in], Bg [n*r, out], g_mix [B, out], w_r [B, n*r]) for the context's current
-        mixture, cached while it stays the same (see AdapterContext.set_mixture)."""
-        cache = self.mix_cache
-        if cache is None or cache[0] != (self.context.version, dtype):
-            cache = self.mix_cache = ((self.context.version, dtype), *self._mixture_terms(dtype))
-        return cache[1:]
-
-    def _mixture_terms(self, dtype: torch.dtype):
-        """What combine() needs from the current mixture: the active adapters' stacked factors,
-        g_mix [B, out] (rows that use no adapter weigh the backbone by 1) and the weights repeated
-        over each adapter's rank [B, n*r]."""
-        ctx = self.context
-        w = ctx.weights.to(dtype)  # [B, n]
-        if ctx.active.numel() == self.stack_A.shape[0]:  # every resident adapter in use: no gather
-            A, Bg, g = self.flat_A, self.flat_B, self.stack_g
-        else:
-            A = self.stack_A[ctx.active].flatten(0, 1)
-            Bg = self.stack_B[ctx.active].transpose(1, 2).flatten(0, 1)
-            g = self.stack_g[ctx.active]
-        g_mix = torch.addmm(ctx.rest.to(dtype), w, g)  # [B, out]
-        return A, Bg, g_mix, w.repeat_interleave(self.stack_A.shape[1], dim=1)
 
     def _lowrank_triton(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """combine()'s mixture on CUDA: the low-rank paths of every sequence in one Triton shrink and
@@ -235,33 +209,102 @@ class DoraLinear(nn.Module):
         return y if bias is None else y + bias
 
 
-def combine_group(modules, x: torch.Tensor, y: torch.Tensor, cache_owner: nn.Module) -> torch.Tensor | None:
-    """DoRA for projections that share their input and one fused backbone product (q|k|v, gate|up):
-    `y` holds their outputs side by side. Their low-rank paths run as ONE shrink (stacked A) and ONE
-    expand (block-diagonal B) instead of two matmuls per projection: on a 135M model at decode,
-    per-op overhead, not arithmetic, is what adapters cost. Returns None when the group cannot take
-    this path (a projection without adapters, live training, Triton kernels, biases); the caller then
-    combines per projection.
+def mixture_plan(modules, dtype: torch.dtype, owner: nn.Module, bias_free: bool = False):
+    """What the context's current mixture needs from these projections (one, or several sharing
+    their input and one fused backbone product), built once per mixture and cached on `owner`
+    (its `mix_plan` attribute):
+
+    - `A_t` [in, R]: every active adapter's A of every projection side by side (R = sum of n*r),
+      so ONE shrink product serves the whole group;
+    - `parts`: per adapted projection, its output columns, its rank columns and its B factors
+      [n*r, out] already scaled by g_i * s_i (and by the mixture weights when every row of the batch
+      uses the same mixture, the common case; otherwise `w_r` [B, R] weighs the shrink per row);
+    - `g_mix` [B or 1, sum out]: sum_i w_i g_i, 1 for rows without adapters and for projections no
+      adapter targets.
+
+    The expand is one product per projection straight into its columns of `y`, never a
+    block-diagonal B (at decode its zeros cost as much memory traffic as the backbone).
+    `()` when no projection of the group has adapters; None when (groups only) one has a bias: the
+    caller then combines projection by projection.
     """
-    if not all(isinstance(m, DoraLinear) and m.stack_A is not None for m in modules):
+    ctx = None
+    for m in modules:
+        if isinstance(m, DoraLinear):
+            ctx = m.context
+            break
+    key = (ctx.version, dtype)
+    cached = owner.mix_plan
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if not bias_free and any(getattr(getattr(m, "base_layer", m), "bias", None) is not None for m in modules):
+        owner.mix_plan = (key, None)
         return None
-    ctx = modules[0].context
-    if ctx.training is not None or use_triton(x) or any(getattr(m.base_layer, "bias", None) is not None for m in modules):
-        return None
-    if ctx.weights is None:
+    w = ctx.weights.to(dtype)  # [B, n]
+    rest = ctx.rest.to(dtype)  # [B, 1]
+    uniform = w.shape[0] == 1 or bool((w == w[:1]).all())
+    if uniform:
+        w, rest = w[:1], rest[:1]
+    A_cols, parts, g_cols, w_cols = [], [], [], []
+    col = rank = 0
+    for m in modules:
+        if isinstance(m, DoraLinear) and m.stack_A is not None:
+            n, r = ctx.active.numel(), m.stack_A.shape[1]
+            w_r = w.repeat_interleave(r, dim=1)  # [B, n*r]
+            A_cols.append(m.stack_A[ctx.active].flatten(0, 1))  # [n*r, in]
+            Bg = m.stack_B[ctx.active].transpose(1, 2).flatten(0, 1)  # [n*r, out]
+            if uniform:
+                Bg = Bg * w_r[0][:, None]
+            else:
+                w_cols.append(w_r)
+            parts.append((col, col + m.out_features, rank, rank + n * r, Bg.contiguous()))
+            g_cols.append(torch.addmm(rest, w, m.stack_g[ctx.active]))  # [B, out]
+            rank += n * r
+        else:
+            g_cols.append(torch.ones(w.shape[0], m.out_features, dtype=dtype, device=w.device))
+        col += m.out_features
+    plan = () if not parts else (torch.cat(A_cols).t().contiguous(), parts, torch.cat(g_cols, dim=-1),
+                                 None if uniform else torch.cat(w_cols, dim=-1))
+    owner.mix_plan = (key, plan)
+    return plan
+
+
+def apply_mixture(plan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y [B, T, out] (backbone output, no bias) -> g_mix * y + the weighted low-rank paths.
+    Four kinds of op per group whatever its size: a shrink, (a per-row weighting), the g scale,
+    one expand per projection accumulated in place."""
+    A_t, parts, g_mix, w_r = plan
+    rows = x.numel() // x.shape[-1]
+    h = torch.mm(x.reshape(rows, x.shape[-1]), A_t)  # [B*T, R]
+    if w_r is not None:
+        h = h.view(x.shape[0], -1, h.shape[-1]).mul_(w_r[:, None, :]).view(rows, -1)
+    if torch.is_grad_enabled():
+        y = y * g_mix[:, None, :]  # a new tensor: autograd may have saved y
+    else:
+        y = y.contiguous().mul_(g_mix[:, None, :])
+    flat = y.view(rows, y.shape[-1])
+    for c0, c1, r0, r1, Bg in parts:
+        flat[:, c0:c1].addmm_(h[:, r0:r1], Bg)
+    return y
+
+
+def combine_group(modules, x: torch.Tensor, y: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    """DoRA for projections that share their input and one fused backbone product (q|k|v, gate|up):
+    `y` holds their outputs side by side. On CPU the whole group takes one mixture plan (one shrink
+    for all its low-rank paths, see mixture_plan); live training, the Triton kernels and biased
+    projections combine projection by projection. Runs per layer per token: keep it lean."""
+    ctx = None
+    for m in modules:
+        if isinstance(m, DoraLinear):
+            ctx = m.context
+            break
+    if ctx is None or (ctx.weights is None and ctx.training is None):
         return y
-    terms = [m.mixture_terms(x.dtype) for m in modules]
-    key = (ctx.version, x.dtype, tuple(id(t[0]) for t in terms), tuple(id(t[1]) for t in terms))
-    cache = getattr(cache_owner, "group_mix_cache", None)
-    if cache is None or cache[0] != key:
-        A = torch.cat([t[0] for t in terms])  # [sum n*r, in]
-        Bg = torch.block_diag(*[t[1] for t in terms])  # [sum n*r, sum out]
-        g_mix = torch.cat([t[2] for t in terms], dim=-1)  # [B, sum out]
-        w_r = torch.cat([t[3] for t in terms], dim=-1)  # [B, sum n*r]
-        cache = cache_owner.group_mix_cache = (key, A, Bg, g_mix, w_r)
-    _, A, Bg, g_mix, w_r = cache
-    low = ((x @ A.t()).mul_(w_r[:, None, :])) @ Bg
-    return torch.addcmul(low, g_mix[:, None, :], y)
+    if ctx.training is None and not use_triton(x):
+        plan = mixture_plan(modules, x.dtype, owner)
+        if plan is not None:
+            return apply_mixture(plan, x, y) if plan else y
+    outs = y.split([m.out_features for m in modules], dim=-1)
+    return torch.cat([m.combine(x, o) if isinstance(m, DoraLinear) else o for m, o in zip(modules, outs)], dim=-1)
 
 
 def _get_module(model: nn.Module, path: str) -> nn.Module | None:

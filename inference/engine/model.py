@@ -81,23 +81,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def lowrank_active(*modules: nn.Module) -> bool:
-    """True when one of these projections is a DoRA wrapper whose adapters take part in this
-    forward; then each projection adds its low-rank paths to its rows of the fused product."""
-    for m in modules:
-        ctx = getattr(m, "context", None)
-        if ctx is not None and (ctx.weights is not None or (ctx.training is not None and ctx.training in m.lora_A)):
-            return True
-    return False
-
-
-def with_adapters(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`y` = this projection's backbone output (its rows of a fused product); a DoRA wrapper adds
-    its mixture on top, a plain projection (no adapter targets it) returns `y` as is."""
-    combine = getattr(module, "combine", None)
-    return y if combine is None else combine(x, y)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -169,6 +152,7 @@ class Attention(nn.Module):
         self.attn_sub_norm = RMSNorm(cfg.n_heads * cfg.head_dim, cfg.norm_eps) if cfg.arch == "bitnet" else None
         self.kv_cache: KVCache | None = None
         self.qkv_proj: nn.Module | None = None  # set by speed.fuse_projections (rows q|k|v)
+        self.mix_plan = None  # the q|k|v group's cached DoRA mixture plan (dora.mixture_plan)
 
     def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None):
         B, T, _ = x.shape
@@ -176,13 +160,7 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:
             # One fused backbone product for q|k|v (with or without adapters), RoPE on q and k in one go.
             qkv = self.qkv_proj(x)  # [B, T, (H + 2 Hkv) hd]
-            if lowrank_active(self.q_proj, self.k_proj, self.v_proj):
-                grouped = combine_group((self.q_proj, self.k_proj, self.v_proj), x, qkv, self)
-                if grouped is None:
-                    q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
-                    grouped = torch.cat((with_adapters(self.q_proj, x, q), with_adapters(self.k_proj, x, k),
-                                         with_adapters(self.v_proj, x, v)), dim=-1)
-                qkv = grouped
+            qkv = combine_group((self.q_proj, self.k_proj, self.v_proj), x, qkv, self)  # adapters add to its rows
             qkv = qkv.view(B, T, H + 2 * Hkv, hd)
             qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H+Hkv, T, hd]
             q, k = qk[:, :H], qk[:, H:]
@@ -215,16 +193,12 @@ class MLP(nn.Module):
         self.bitnet = cfg.arch == "bitnet"
         self.ffn_sub_norm = RMSNorm(cfg.hidden_dim, cfg.norm_eps) if self.bitnet else None
         self.gate_up_proj: nn.Module | None = None  # set by speed.fuse_projections (rows gate|up)
+        self.mix_plan = None  # the gate|up group's cached DoRA mixture plan (dora.mixture_plan)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)
-            grouped = None
-            if lowrank_active(self.gate_proj, self.up_proj):
-                grouped = combine_group((self.gate_proj, self.up_proj), x, gate_up, self)
-            gate, up = (gate_up if grouped is None else grouped).chunk(2, dim=-1)
-            if grouped is None and lowrank_active(self.gate_proj, self.up_proj):
-                gate, up = with_adapters(self.gate_proj, x, gate), with_adapters(self.up_proj, x, up)
+            gate_up = combine_group((self.gate_proj, self.up_proj), x, self.gate_up_proj(x), self)
+            gate, up = gate_up.chunk(2, dim=-1)
             if self.bitnet:
                 return self.down_proj(self.ffn_sub_norm(F.relu(gate).square() * up))
             return self.down_proj(F.silu(gate) * up)

@@ -49,9 +49,39 @@ def test_adapter_on_every_projection_gives_peft_logits_through_the_grouped_path(
     peft_model = make_peft_adapter(tiny_llama_dir, tmp_path / "all", targets=DEFAULT_TARGETS)
     tiny_engine.load_adapter("all", tmp_path / "all")
     got = tiny_engine.logits(IDS, adapters={"all": 1.0})
-    assert all(hasattr(l.self_attn, "group_mix_cache") and hasattr(l.mlp, "group_mix_cache")
+    assert all(l.self_attn.mix_plan is not None and l.mlp.mix_plan is not None
                for l in tiny_engine.model.model.layers)
     assert (got - peft_logits(peft_model)).abs().max().item() < 1e-4
+
+
+def test_adapters_on_biased_projections_give_peft_logits(tmp_path):
+    """Checkpoints with attention biases (Qwen-style) take the per-projection path inside the fused
+    q|k|v group (DoRA's norm and g apply to the bias-free product); single and mixed batches."""
+    from inference.engine import Engine
+    from inference.engine.dora import DEFAULT_TARGETS
+    from inference.engine.generate import Sequence
+
+    base = make_tiny_llama(tmp_path / "biased", attention_bias=True)
+    with torch.no_grad():  # transformers initialises biases to zero: make them count
+        from transformers import LlamaForCausalLM
+
+        hf = LlamaForCausalLM.from_pretrained(base)
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+        hf.save_pretrained(base)
+    peft_model = make_peft_adapter(base, tmp_path / "ad", targets=DEFAULT_TARGETS)
+    eng = Engine.load(base)
+    eng.load_adapter("ad", tmp_path / "ad")
+    assert eng.model.model.layers[0].self_attn.q_proj.bias is not None
+    got = eng.logits(IDS, adapters={"ad": 1.0})
+    assert (got - peft_logits(peft_model)).abs().max().item() < 1e-4
+    matrix = eng.mixture_matrix([Sequence([1], mixture=m) for m in ({"ad": 1.0}, None)])
+    with torch.no_grad():
+        batched = eng.model(torch.tensor([IDS, IDS]), mixture=matrix)
+    assert (batched[0] - got).abs().max().item() < 1e-4
+    assert (batched[1] - eng.logits(IDS)).abs().max().item() < 1e-4
+    assert (batched[0] - batched[1]).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -172,10 +202,11 @@ def test_mixed_batch_runs_one_backbone_matmul_per_layer(tiny_engine, two_adapter
         h.remove()
     assert len(calls) == 4 * len(tiny_engine.model.model.layers) and {n for _, n in calls} == {3}
     assert {id(m) for m, _ in calls} == {id(m) for i, m in enumerate(backbone) if i % 9 < 4}
-    # q, k and v all carry an adapter: one grouped low-rank path; gate_proj carries none, so the
-    # MLP combined per projection
-    assert all(hasattr(l.self_attn, "group_mix_cache") and not hasattr(l.mlp, "group_mix_cache")
-               for l in tiny_engine.model.model.layers)
+    # each fused group took one mixture plan: q|k|v (all adapted) and gate|up, where only up_proj
+    # carries an adapter (gate's columns keep g = 1 and get no low-rank path)
+    for l in tiny_engine.model.model.layers:
+        assert l.self_attn.mix_plan is not None and len(l.self_attn.mix_plan[1][1]) == 3
+        assert l.mlp.mix_plan is not None and [p[:2] for p in l.mlp.mix_plan[1][1]] == [(l.mlp.gate_proj.out_features, 2 * l.mlp.gate_proj.out_features)]
     # and the fused path gives what each projection computed on its own would
     for layer in tiny_engine.model.model.layers:
         layer.self_attn.qkv_proj, layer.mlp.gate_up_proj = None, None
