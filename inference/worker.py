@@ -93,6 +93,11 @@ def load_engine():
 
         pipeline = Pipeline(engine)
         scheduler = Scheduler(engine, pipeline)
+        if settings.R3MES_COMPILE:
+            # Before serving: the warm-up writes KV slots. Inductor's on-disk cache lives with the
+            # data (a warm cache turns the first start's minute or two into seconds).
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.DATA_DIR / "cache" / "inductor"))
+            engine.compile_decode()  # False (logged) leaves it eager
     except Exception as exc:  # the worker stays up and reports the reason through health pings
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model failed to load")

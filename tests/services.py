@@ -57,6 +57,9 @@ os.environ.setdefault("LOG_FORMAT", "text")
 # `r3mes demo` would queue the starter training on the session's broker, where a later test's real
 # Celery worker would pick it up and spend minutes training; the starter tests switch it on.
 os.environ.setdefault("R3MES_STARTER_AUTO_TRAIN", "0")
+# Workers started by tests decode eagerly: compiling costs each worker start a minute here. The
+# compiled decode step has its own tests (tests/inference/engine/test_compiled_decode.py).
+os.environ.setdefault("R3MES_COMPILE", "0")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 
 

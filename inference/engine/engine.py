@@ -1,5 +1,6 @@
 """The engine's public face: load a model, tokenize, score, generate, manage DoRA adapters."""
 
+import logging
 import os
 import threading
 import time
@@ -16,6 +17,8 @@ from .model import Transformer
 from .bitlinear import BitLinear
 from .speed import QUANT_MODES, optimize_model
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -193,6 +196,48 @@ class Engine:
         """A continuous-batching scheduler on this engine's model (one active batch per engine)."""
         return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix, self.lock)
 
+    def compile_decode(self) -> bool:
+        """Compile the decode step of a lone sequence without adapters (torch.compile, Inductor:
+        the ~35 small ops per layer fuse into a few C++ kernels; about 1.7x eager int4 decode here,
+        benchmarks/RESULTS.md). Call it after the batch that will serve exists (`new_batch`): the
+        graph is built for that KV cache, and a larger cache later drops it (eager again). The
+        warm-up writes one position of KV slot 0, so no sequence may be running.
+
+        Dynamic graphs serve every slot and length (should one still need a recompile, that call
+        runs eagerly instead of stalling a request: generate.decode_one_token); batches of several sequences, adapter
+        mixtures and live training run the eager forward. The seven projections of every layer are
+        wrapped for DoRA now, so loading adapters later does not change what the graph was built
+        on. First compile ~30 s on two cores (Inductor caches it on disk: TORCHINDUCTOR_CACHE_DIR).
+        Returns False, and leaves the engine eager, when compiling fails (no C++ compiler, ...).
+        """
+        model = self.model
+        if model.max_batch == 0:
+            raise EngineError("compile_decode needs the KV cache: create the serving batch first (new_batch)")
+        if model.config.ternary or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None
+                                       for layer in model.model.layers):
+            log.info("compile_decode: only fused dense models compile; staying eager")
+            return False
+        for path in dora.linear_paths(model):
+            if path.rsplit(".", 1)[-1] in dora.DEFAULT_TARGETS:
+                dora.wrap_module(model, path)
+        compiled = torch.compile(model.decode_one, dynamic=True, fullgraph=True)
+        started = time.monotonic()
+        with self.lock, torch.inference_mode():  # as Batch.step runs it (the graph guards on that)
+            token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            try:
+                # Inductor specialises slot 0 (its cache view starts at offset 0) against the other
+                # slots (a guard seen with TORCH_LOGS=recompiles): build both now, not mid-request.
+                # (A context filled to its very last position would need a third graph: that one
+                # step runs eagerly, see generate.decode_one_token.)
+                for slot in sorted({0, min(1, model.max_batch - 1)}):
+                    compiled(token, slot + 2, 2 + 2)
+            except Exception as exc:  # Inductor needs a working C++ toolchain; eager still serves
+                log.warning("compile_decode failed, decoding eagerly: %s: %s", type(exc).__name__, exc)
+                return False
+        model.compiled_decode = compiled
+        log.info("decode graph compiled in %.1f s", time.monotonic() - started)
+        return True
+
     def generate(self, messages_or_prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=(), adapters: dict[str, float] | None = None,
                  cancel=None, callback: Callable[[str], None] | None = None,
@@ -245,6 +290,8 @@ class Engine:
             # the Triton kernels (W2A8 ternary matmul, fused DoRA mixtures) run: CUDA + the optional extra
             "triton_kernels": self.device.type == "cuda" and triton_kernels.available(),
             "threads": torch.get_num_threads(),
+            # a lone sequence without adapters decodes through the torch.compile'd graph
+            "compiled_decode": self.model.compiled_decode is not None,
             "memory": memory,
             "adapters": self.adapters,
             "load_seconds": round(self.load_seconds, 3),

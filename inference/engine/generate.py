@@ -70,7 +70,16 @@ def prefill(model, tokens: torch.Tensor, slot: int, mixture: torch.Tensor | None
 
 def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor,
                      mixture: torch.Tensor | None) -> torch.Tensor:
-    """tokens [B], input_pos [B], slots [B], mixture [B, N] -> logits [B, V]."""
+    """tokens [B], input_pos [B], slots [B], mixture [B, N] -> logits [B, V].
+
+    A lone sequence without adapters takes the compiled decode graph when the engine built one
+    (Engine.compile_decode); everything else runs the eager forward."""
+    compiled = model.compiled_decode
+    if compiled is not None and mixture is None and tokens.shape[0] == 1:
+        ctx = model.adapter_context
+        if (ctx is None or ctx.training is None) and int(input_pos[0]) + 1 < model.cache_len:
+            with torch.compiler.set_stance("eager_on_recompile"):  # never a ~10 s compile mid-request
+                return compiled(tokens[:, None], int(slots[0]) + 2, int(input_pos[0]) + 3)[:, -1]
     return model(tokens[:, None], input_pos=input_pos[:, None], slots=slots, mixture=mixture)[:, -1]
 
 

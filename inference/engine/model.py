@@ -106,6 +106,11 @@ class KVCache(nn.Module):
     def update(self, slots: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
                plan: "StepPlan | None" = None):
         # slots [B], input_pos [B, T], k/v [B, Hkv, T, hd] -> cached k/v [B, Hkv, length, hd]
+        if plan is not None and plan.single_slot is not None:  # one sequence, one position (compiled decode)
+            kc, vc = self.k_cache[plan.single_slot], self.v_cache[plan.single_slot]  # [Hkv, S, hd]
+            kc[:, plan.pos_start : plan.pos_start + 1] = k[0]
+            vc[:, plan.pos_start : plan.pos_start + 1] = v[0]
+            return kc[None, :, :length], vc[None, :, :length]
         if plan is not None and plan.slot_start is not None:
             s0, s1 = plan.slot_start, plan.slot_start + k.shape[0]
             if plan.pos_start is not None:  # every row writes the same contiguous positions
@@ -129,9 +134,19 @@ class StepPlan:
     are a contiguous range (cache views, no gathers) and whether every row writes the same
     contiguous positions (slice writes; with one row or equal positions no mask is needed)."""
 
-    __slots__ = ("slot_start", "pos_start")
+    __slots__ = ("slot_start", "pos_start", "single_slot")
+
+    @classmethod
+    def single(cls, slot: int, pos: int) -> "StepPlan":
+        """One sequence decoding one token at `pos` in KV slot `slot`, decided without reading a
+        tensor back. The cache is indexed with `slot` (not sliced from it): under torch.compile a
+        slice start becomes a guard on its value, an index only on its range."""
+        plan = cls.__new__(cls)
+        plan.slot_start, plan.pos_start, plan.single_slot = None, pos, slot
+        return plan
 
     def __init__(self, slots: torch.Tensor, input_pos: torch.Tensor):
+        self.single_slot = None
         s = slots.tolist()
         self.slot_start = s[0] if s == list(range(s[0], s[0] + len(s))) else None
         p = input_pos.tolist()
@@ -245,6 +260,7 @@ class Transformer(nn.Module):
         self.adapter_context = None
         self.max_batch = 0
         self.cache_len = 0
+        self.compiled_decode = None  # torch.compile'd decode_one, set by Engine.compile_decode()
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         """Allocate KV buffers for `max_batch` slots of `max_seq_len` tokens (gpt-fast style)."""
@@ -253,9 +269,27 @@ class Transformer(nn.Module):
             return
         cfg = self.config
         dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
+        self.compiled_decode = None  # built for the old buffers' shapes: eager until compiled again
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
         self.max_batch, self.cache_len = max_batch, max_seq_len
+
+    def decode_one(self, tokens: torch.Tensor, slot_plus_2: int, length_plus_2: int) -> torch.Tensor:
+        """One decode step of ONE sequence without adapters: tokens [1, 1] at position
+        `length - 1` of KV slot `slot` -> logits [1, 1, V]. What `forward` computes for that case,
+        written for torch.compile (Engine.compile_decode): no tensor is read back into Python, the
+        slot and length are plain ints that become symbols of one dynamic graph. They arrive plus 2
+        because the compiler specialises the values 0 and 1 (a recompile each) and a decode step
+        can have slot 0 or 1, never a length below 2 after the +2.
+        """
+        slot, length = slot_plus_2 - 2, length_plus_2 - 2
+        x = self.model.embed_tokens(tokens)  # [1, 1, D]
+        input_pos = torch.full((1, 1), length - 1, dtype=torch.long, device=tokens.device)
+        cos, sin = self.rope(input_pos, x.dtype)
+        plan = StepPlan.single(slot, length - 1)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, None, None, input_pos, length, plan)
+        return self.lm_head(self.model.norm(x)).float()
 
     def forward(self, tokens, input_pos=None, slots=None, mixture=None, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (float32); [B, 1, V] with `last_only` (prefill needs

@@ -1,0 +1,163 @@
+"""The compiled decode step (Engine.compile_decode: torch.compile + Inductor, real C++ kernels built
+here) against the eager forward on tiny random checkpoints."""
+
+import pytest
+import torch
+
+from inference.engine import Engine
+from inference.engine.generate import SamplingParams, Sequence
+
+from .test_dora import IDS, make_peft_adapter
+
+PROMPTS = [IDS[:5], IDS[2:9], IDS[4:7]]
+
+
+def graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+class CountCalls:
+    """Counts how often the compiled graph really runs (the batch picks it or the eager forward)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def decode(engine, prompts, max_tokens, mixtures=None, compiled=None):
+    """Greedy tokens per prompt through one batch; max_tokens differ so that later sequences end up
+    decoding alone in slots 1 and 2, not only slot 0."""
+    engine.model.compiled_decode = compiled
+    batch = engine.new_batch(max_batch=3, max_seq_len=64)
+    seqs = [Sequence(list(ids), SamplingParams(max_tokens=n, ignore_eos=True), mixture=(mixtures or [None] * 3)[i])
+            for i, (ids, n) in enumerate(zip(prompts, max_tokens))]
+    for seq in seqs:
+        batch.add(seq)
+    while len(batch):
+        batch.step()
+    return [s.output_ids for s in seqs]
+
+
+@pytest.fixture(scope="module")
+def compiled_engines(tmp_path_factory):
+    """One float32 and one int4 tiny engine, each compiled once for the whole module."""
+    from .conftest import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path_factory.mktemp("compiled"))
+    out = {}
+    for quant in (None, "int4"):
+        engine = Engine.load(path, quant=quant)
+        engine.new_batch(max_batch=3, max_seq_len=64)
+        assert engine.compile_decode()
+        out[quant] = (engine, engine.model.compiled_decode)
+    return path, out
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_compiled_decode_gives_the_eager_tokens_in_every_slot_without_recompiling(compiled_engines, quant):
+    _, engines = compiled_engines
+    engine, graph = engines[quant]
+    before = graphs()
+    # The longest sequence ends up decoding alone: in slot 2, then 0, then 1 (5-6 lone steps each).
+    for lengths in ((3, 8, 14), (9, 4, 2), (2, 9, 4)):
+        spy = CountCalls(graph)
+        got = decode(engine, PROMPTS, lengths, compiled=spy)
+        longest, second = sorted(lengths)[-1], sorted(lengths)[-2]
+        assert spy.calls == longest - second  # every lone step, and only those, took the graph
+        assert got == decode(engine, PROMPTS, lengths, compiled=None)
+    assert graphs() == before  # one dynamic graph: other slots and lengths do not recompile
+    engine.model.compiled_decode = graph
+
+
+def test_a_sequence_filling_the_context_keeps_to_the_graph_it_has(compiled_engines):
+    _, engines = compiled_engines
+    engine, graph = engines[None]
+    before = graphs()
+    runs = []
+    for compiled in (CountCalls(graph), None):
+        engine.model.compiled_decode = compiled
+        batch = engine.new_batch(max_batch=3, max_seq_len=64)  # the cache the graph was built for
+        seq = batch.add(Sequence(IDS[:5], SamplingParams(max_tokens=500, ignore_eos=True)))
+        while len(batch):
+            batch.step()
+        runs.append(seq)
+    assert runs[0].finish_reason == "length" and len(runs[0].prompt_ids) + len(runs[0].output_ids) == 64
+    assert runs[0].output_ids == runs[1].output_ids
+    assert graphs() == before
+    engine.model.compiled_decode = graph
+
+
+def test_compiled_logits_match_the_eager_forward(compiled_engines):
+    _, engines = compiled_engines
+    engine, graph = engines[None]
+    model = engine.model
+    ids = IDS[:9]
+    with torch.inference_mode():
+        full = model(torch.tensor([ids]))[0]  # eager, no cache
+        for slot in (0, 2):
+            model(torch.tensor([ids[:5]]), input_pos=torch.arange(5)[None], slots=torch.tensor([slot]))
+            for pos in range(5, 9):
+                step = graph(torch.tensor([[ids[pos]]]), slot + 2, pos + 1 + 2)[0, -1]
+                assert (step - full[pos]).abs().max().item() < 1e-4
+
+
+def test_adapters_loaded_after_compiling_run_eager_mixtures_and_keep_the_graph(compiled_engines, tmp_path):
+    path, engines = compiled_engines
+    engine, graph = engines[None]
+    make_peft_adapter(path, tmp_path / "ad", targets=("q_proj", "v_proj", "down_proj"))
+    before = graphs()
+    engine.load_adapter("ad", tmp_path / "ad")
+    try:
+        mixtures = [{"ad": 1.0}, None, None]
+        for lengths, lone_without_adapter in (((3, 5, 9), 9 - 5), ((9, 3, 5), 0)):
+            spy = CountCalls(graph)
+            got = decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=spy)
+            assert spy.calls == lone_without_adapter  # a lone sequence WITH a mixture runs eagerly
+            assert got == decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=None)
+        assert graphs() == before
+        with_adapter = decode(engine, PROMPTS, (9, 1, 1), mixtures=mixtures)[0]
+        without = decode(engine, PROMPTS, (9, 1, 1))[0]
+        assert with_adapter != without  # the adapter really takes part where it is asked for
+    finally:
+        engine.unload_adapter("ad")
+        engine.model.compiled_decode = graph
+
+
+def test_a_larger_kv_cache_drops_the_graph_and_decodes_eagerly(compiled_engines):
+    path, _ = compiled_engines
+    engine = Engine.load(path)
+    engine.new_batch(max_batch=1, max_seq_len=32)
+    engine.model.compiled_decode = CountCalls(lambda *a: pytest.fail("a graph built for the old cache ran"))
+    batch = engine.new_batch(max_batch=2, max_seq_len=64)
+    assert engine.model.compiled_decode is None
+    seq = batch.add(Sequence(IDS[:5], SamplingParams(max_tokens=4, ignore_eos=True)))
+    while len(batch):
+        batch.step()
+    assert len(seq.output_ids) == 4
+
+
+def test_compile_failure_leaves_the_engine_decoding_eagerly(compiled_engines):
+    """A machine without a working C++ compiler: Inductor's build fails, the engine says so and
+    stays eager (the compiler is pointed at a path that does not exist; nothing is mocked)."""
+    import torch._inductor.config as inductor_config
+
+    path, _ = compiled_engines
+    engine = Engine.load(path)
+    engine.new_batch(max_batch=1, max_seq_len=32)
+    torch._dynamo.reset()
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        assert engine.compile_decode() is False
+    assert engine.model.compiled_decode is None
+    assert len(list(engine.generate("hi", max_tokens=3, ignore_eos=True))) >= 1
+
+
+def test_compile_decode_needs_the_serving_kv_cache(tiny_llama_dir):
+    from inference.engine import EngineError
+
+    with pytest.raises(EngineError, match="new_batch"):
+        Engine.load(tiny_llama_dir).compile_decode()
