@@ -6,6 +6,9 @@ greedy decoding, same number of new tokens (EOS ignored), same thread count. Our
 process (each a copy of the same loaded weights) and report decode and 512-token prefill speed,
 quality against float32 (greedy agreement and mean KL, teacher-forced on float32's continuation of
 fixed prompts), a 3-adapter DoRA mixture and 8 concurrent sequences with 8 different mixtures.
+A mode suffixed "+compiled" (int4+compiled) also builds the torch.compile'd single-sequence decode
+graph (Engine.compile_decode, what the worker serves with): its single-stream decode and its
+"mixture ÷ no adapter" use that graph for the adapter-free runs (mixtures and batches stay eager).
 
     python benchmarks/engine.py                      # 2 threads, 64 new tokens
     python benchmarks/engine.py --tokens 128 --json benchmarks/out/engine.json
@@ -115,16 +118,25 @@ def bench_ours(args) -> dict:
     load_s = time.perf_counter() - start
     results, reference = [], None
     for mode in args.modes.split(","):
-        dtype, quant = MODES[mode]
+        # "<mode>+compiled": the same weights, single-stream decode through Engine.compile_decode
+        compiled = mode.endswith("+compiled")
+        dtype, quant = MODES[mode.removesuffix("+compiled")]
         t = time.perf_counter()
         model = copy.deepcopy(base).to(getattr(torch, dtype))
         optimize_model(model, quant=quant)
         engine = Engine(model, tokenizer, str(path), getattr(torch, dtype), torch.device("cpu"))
         prep_s = time.perf_counter() - t
+        compile_s = None
+        if compiled:
+            engine.new_batch(max_batch=8, max_seq_len=1024)  # the cache every later batch fits in
+            t = time.perf_counter()
+            if not engine.compile_decode():
+                raise SystemExit(f"{mode}: compile_decode failed (see the log)")
+            compile_s = time.perf_counter() - t
         prompt_ids = engine.tokenize(engine.render(PROMPT))
         timed_runs(engine, prompt_ids, args)  # warm-up
         r = {"backend": f"r3mes engine {mode}", "mode": mode, "load_s": load_s + prep_s, "prompt_tokens": len(prompt_ids),
-             **timed_runs(engine, prompt_ids, args)}
+             "compile_s": compile_s, **timed_runs(engine, prompt_ids, args)}
         r["prefill512_tok_s"] = prefill_tok_s(engine, long_prompt_ids(engine, 512))
         # Quality against float32: teacher-forced over float32's own greedy continuation.
         if reference is None and mode != "float32":
@@ -345,7 +357,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--mix-repeats", type=int, default=3, help="plain/mixture run pairs for the mixture ratio")
     parser.add_argument("--dtype", default="float32", help="(transformers backend)")
-    parser.add_argument("--modes", default="float32,bfloat16,int8,int4", help="our precision modes, float32 first")
+    parser.add_argument("--modes", default="float32,bfloat16,int8,int4,int4+compiled",
+                        help="our precision modes, float32 first")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--backend", choices=sorted(BACKENDS), help="(internal) run one backend and print JSON")
     parser.add_argument("--no-adapters", dest="adapters", action="store_false")

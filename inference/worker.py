@@ -51,6 +51,7 @@ class WorkerState:
             "backend": caps.get("backend"),
             "device": caps.get("device"),
             "weights": caps.get("weights"),
+            "compiled_decode": caps.get("compiled_decode", False),
         }
 
     def stats(self):

@@ -198,17 +198,19 @@ class Engine:
 
     def compile_decode(self) -> bool:
         """Compile the decode step of a lone sequence without adapters (torch.compile, Inductor:
-        the ~35 small ops per layer fuse into a few C++ kernels; about 1.7x eager int4 decode here,
+        the ~35 small ops per layer fuse into a few C++ kernels; about 1.6x eager int4 decode here,
         benchmarks/RESULTS.md). Call it after the batch that will serve exists (`new_batch`): the
         graph is built for that KV cache, and a larger cache later drops it (eager again). The
-        warm-up writes one position of KV slot 0, so no sequence may be running.
+        warm-up writes KV slots 0 and 1, so no sequence may be running.
 
-        Dynamic graphs serve every slot and length (should one still need a recompile, that call
-        runs eagerly instead of stalling a request: generate.decode_one_token); batches of several sequences, adapter
-        mixtures and live training run the eager forward. The seven projections of every layer are
-        wrapped for DoRA now, so loading adapters later does not change what the graph was built
-        on. First compile ~30 s on two cores (Inductor caches it on disk: TORCHINDUCTOR_CACHE_DIR).
-        Returns False, and leaves the engine eager, when compiling fails (no C++ compiler, ...).
+        Two dynamic graphs (slot 0, other slots) serve every slot and length; should a call still
+        need a recompile, it runs eagerly instead of stalling a request (generate.decode_one_token).
+        Batches of several sequences, adapter mixtures and live training run the eager forward.
+        The seven projections of every layer are wrapped for DoRA now, so loading adapters later
+        does not change what the graph was built on. The first compile takes a minute or two on
+        two cores; Inductor caches it on disk (TORCHINDUCTOR_CACHE_DIR), so later starts take
+        seconds. Returns False, and leaves the engine eager, when compiling fails (no C++
+        compiler, ...).
         """
         model = self.model
         if model.max_batch == 0:
@@ -222,7 +224,11 @@ class Engine:
                 dora.wrap_module(model, path)
         compiled = torch.compile(model.decode_one, dynamic=True, fullgraph=True)
         started = time.monotonic()
-        with self.lock, torch.inference_mode():  # as Batch.step runs it (the graph guards on that)
+        # Two graphs per engine, all of one code object (Transformer.decode_one): a process with
+        # several engines (tests, benchmarks) needs more than dynamo's default 8 per code object.
+        limit = max(64, torch._dynamo.config.recompile_limit)
+        with self.lock, torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=limit):
+            # inference_mode as Batch.step runs it (the graph guards on that)
             token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
             try:
                 # Inductor specialises slot 0 (its cache view starts at offset 0) against the other

@@ -15,6 +15,29 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 
+def channel_ping():
+    """The inference worker's health reply over the channel layer configured now, or None when no
+    worker answers within 2 s. Channel-layer connections belong to the event loop that made them,
+    so they are dropped before and after."""
+    import asyncio
+
+    from channels.layers import channel_layers
+
+    from inference.protocol import ping_worker
+
+    async def ping():
+        try:
+            return await ping_worker(2)
+        except TimeoutError:
+            return None
+
+    channel_layers.backends.clear()
+    try:
+        return asyncio.run(ping())
+    finally:
+        channel_layers.backends.clear()
+
+
 def stack_env(data_dir, redis_url, **extra):
     env = dict(os.environ)
     env.update({

@@ -12,7 +12,7 @@ from channels.layers import channel_layers
 
 from inference import protocol
 from inference.protocol import GenerationError
-from tests.inference.live import WorkerProcess, stack_env
+from tests.inference.live import WorkerProcess, channel_ping, stack_env
 
 
 @pytest.fixture
@@ -24,17 +24,7 @@ def small_worker(settings, fresh_channel_layers):
     env = stack_env(data_dir, redis_url, R3MES_MAX_BATCH=1, R3MES_MAX_QUEUE=0, R3MES_DRAIN_GRACE_S=1)
     worker = WorkerProcess(env, os.path.join(data_dir, "worker.log")).start()
 
-    def ping():
-        channel_layers.backends.clear()
-
-        async def go():
-            try:
-                return await protocol.ping_worker(2)
-            except TimeoutError:
-                return None
-        return asyncio.run(go())
-
-    worker.wait_ready(ping)
+    worker.wait_ready(channel_ping)
     channel_layers.backends.clear()
     yield worker
     worker.kill()
