@@ -94,6 +94,7 @@ def load_engine():
 
         pipeline = Pipeline(engine)
         scheduler = Scheduler(engine, pipeline)
+        warm_router()
         if settings.R3MES_COMPILE:
             # Before serving: the warm-up writes KV slots. Inductor's on-disk cache lives with the
             # data (a warm cache turns the first start's minute or two into seconds).
@@ -111,6 +112,19 @@ def load_engine():
         log.info("model loaded in %.1f s: %s", time.monotonic() - started, engine.capabilities())
     finally:
         state.loading = False
+
+
+def warm_router():
+    """Load the router's embedding model and run one query through it before serving: otherwise
+    the first request pays for it (2.5 s on a quiet machine here, ~10 s while adapters train)."""
+    try:
+        from inference.router import semantic
+
+        started = time.monotonic()
+        semantic.get_router().route("warm-up")
+        log.info("router ready in %.1f s", time.monotonic() - started)
+    except Exception:  # routing degrades per request (keyword stage); serving must not wait on it
+        log.exception("router warm-up failed")
 
 
 def start_loading():
