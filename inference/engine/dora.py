@@ -107,7 +107,6 @@ class DoraLinear(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.context = context
-        self.bias = getattr(base_layer, "bias", None)  # the backbone's (a plain attribute: read per token)
         self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
         self.mix_plan = None  # (key, plan) for the context's current mixture (see mixture_plan)
 
@@ -178,13 +177,13 @@ class DoraLinear(nn.Module):
             return self._forward_live(x, y, ctx.training)
         if ctx.weights is None or self.stack_A is None:
             return y
-        bias = self.bias
+        bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
             y = y - bias
         if use_triton(x):
             y = self._lowrank_triton(x, y)
         else:
-            y = apply_mixture(mixture_plan((self,), x.dtype, self, bias_free=True), x, y)  # stack_A: never ()
+            y = apply_mixture(mixture_plan(ctx, (self,), x.dtype, self, bias_free=True), x, y)  # stack_A: never ()
         return y if bias is None else y + bias
 
     def _lowrank_triton(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -209,7 +208,7 @@ class DoraLinear(nn.Module):
         return y if bias is None else y + bias
 
 
-def mixture_plan(modules, dtype: torch.dtype, owner: nn.Module, bias_free: bool = False):
+def mixture_plan(ctx: AdapterContext, modules, dtype: torch.dtype, owner: nn.Module, bias_free: bool = False):
     """What the context's current mixture needs from these projections (one, or several sharing
     their input and one fused backbone product), built once per mixture and cached on `owner`
     (its `mix_plan` attribute):
@@ -227,16 +226,12 @@ def mixture_plan(modules, dtype: torch.dtype, owner: nn.Module, bias_free: bool 
     `()` when no projection of the group has adapters; None when (groups only) one has a bias: the
     caller then combines projection by projection.
     """
-    ctx = None
-    for m in modules:
-        if isinstance(m, DoraLinear):
-            ctx = m.context
-            break
     key = (ctx.version, dtype)
     cached = owner.mix_plan
     if cached is not None and cached[0] == key:
         return cached[1]
-    if not bias_free and any(getattr(getattr(m, "base_layer", m), "bias", None) is not None for m in modules):
+    if not bias_free and any(getattr(m.base_layer if isinstance(m, DoraLinear) else m, "bias", None) is not None
+                             for m in modules):
         owner.mix_plan = (key, None)
         return None
     w = ctx.weights.to(dtype)  # [B, n]
@@ -300,7 +295,7 @@ def combine_group(modules, x: torch.Tensor, y: torch.Tensor, owner: nn.Module) -
     if ctx is None or (ctx.weights is None and ctx.training is None):
         return y
     if ctx.training is None and not use_triton(x):
-        plan = mixture_plan(modules, x.dtype, owner)
+        plan = mixture_plan(ctx, modules, x.dtype, owner)
         if plan is not None:
             return apply_mixture(plan, x, y) if plan else y
     outs = y.split([m.out_features for m in modules], dim=-1)

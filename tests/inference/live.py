@@ -2,7 +2,9 @@
 when asked, Daphne serving the real ASGI app with a file SQLite database in a temp data dir. Both
 use the session's real redis-server (tests/services.py)."""
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +38,25 @@ def channel_ping():
         return asyncio.run(ping())
     finally:
         channel_layers.backends.clear()
+
+
+@contextlib.contextmanager
+def worker_on_own_channel(settings, db: int, data_dir: str, **env):
+    """A real inference worker process whose channel layer is Redis db `db` (so it never takes
+    another test worker's requests), with this test process's settings pointed there too. Yields
+    the WorkerProcess once it reports a loaded model; `.ready` holds that health reply, `.ping`
+    asks again. Kills it and removes `data_dir` afterwards."""
+    redis_url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + f"/{db}"
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                                           "CONFIG": {"hosts": [{"address": redis_url, "socket_timeout": 30}]}}}
+    worker = WorkerProcess(stack_env(data_dir, redis_url, **env), os.path.join(data_dir, "worker.log")).start()
+    try:
+        worker.ping = channel_ping
+        worker.ready = worker.wait_ready(channel_ping)
+        yield worker
+    finally:
+        worker.kill()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def stack_env(data_dir, redis_url, **extra):

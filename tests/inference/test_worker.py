@@ -3,32 +3,20 @@ SIGTERM drains (no new requests; a running answer that outlives the grace period
 error frame, never silence). Real worker process, real model, channel layer on Redis db 2."""
 
 import asyncio
-import os
-import shutil
 import tempfile
 
 import pytest
-from channels.layers import channel_layers
 
 from inference import protocol
 from inference.protocol import GenerationError
-from tests.inference.live import WorkerProcess, channel_ping, stack_env
+from tests.inference.live import worker_on_own_channel
 
 
 @pytest.fixture
 def small_worker(settings, fresh_channel_layers):
-    redis_url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/2"
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
-                                           "CONFIG": {"hosts": [{"address": redis_url, "socket_timeout": 30}]}}}
-    data_dir = tempfile.mkdtemp(prefix="r3mes-small-worker-")
-    env = stack_env(data_dir, redis_url, R3MES_MAX_BATCH=1, R3MES_MAX_QUEUE=0, R3MES_DRAIN_GRACE_S=1)
-    worker = WorkerProcess(env, os.path.join(data_dir, "worker.log")).start()
-
-    worker.wait_ready(channel_ping)
-    channel_layers.backends.clear()
-    yield worker
-    worker.kill()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with worker_on_own_channel(settings, 2, tempfile.mkdtemp(prefix="r3mes-small-worker-"), R3MES_MAX_BATCH=1,
+                               R3MES_MAX_QUEUE=0, R3MES_DRAIN_GRACE_S=1) as worker:
+        yield worker
 
 
 def test_full_worker_says_busy_and_sigterm_ends_a_long_answer_with_an_error_frame(small_worker):

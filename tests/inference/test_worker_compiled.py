@@ -4,39 +4,26 @@ health reply and streams answers through it. Real worker process on a tiny rando
 default model's compile takes a minute or two here), channel layer on Redis db 3."""
 
 import asyncio
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
-from channels.layers import channel_layers
 
 from inference import protocol
 from tests.inference.engine.conftest import make_tiny_llama
-from tests.inference.live import WorkerProcess, channel_ping, stack_env
+from tests.inference.live import worker_on_own_channel
 
 
 @pytest.fixture
 def compiled_worker(settings, fresh_channel_layers):
-    redis_url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/3"
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
-                                           "CONFIG": {"hosts": [{"address": redis_url, "socket_timeout": 30}]}}}
     data_dir = tempfile.mkdtemp(prefix="r3mes-compiled-worker-")
     backbone = make_tiny_llama(Path(data_dir) / "tiny")
-    env = stack_env(data_dir, redis_url, R3MES_COMPILE=1, R3MES_BACKBONE=backbone, R3MES_MAX_BATCH=2,
-                    R3MES_MAX_SEQ_LEN=128, R3MES_QUANT="none")
-    worker = WorkerProcess(env, os.path.join(data_dir, "worker.log")).start()
-
-    worker.ping = channel_ping
-    worker.ready = worker.wait_ready(channel_ping)
-    channel_layers.backends.clear()
-    yield worker
-    worker.kill()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with worker_on_own_channel(settings, 3, data_dir, R3MES_COMPILE=1, R3MES_BACKBONE=backbone, R3MES_MAX_BATCH=2,
+                               R3MES_MAX_SEQ_LEN=128, R3MES_QUANT="none") as worker:
+        yield worker
 
 
-def test_worker_compiles_the_decode_step_before_serving_and_streams_through_it(compiled_worker):
+def test_worker_compiles_the_decode_step_and_warms_the_router_before_it_serves(compiled_worker):
     assert compiled_worker.ready["compiled_decode"] is True
     log = Path(compiled_worker.log_path).read_text()
     assert "decode graph compiled" in log and "router ready" in log  # both before the model counts as loaded

@@ -73,7 +73,9 @@ def test_adapters_on_biased_projections_give_peft_logits(tmp_path):
     peft_model = make_peft_adapter(base, tmp_path / "ad", targets=DEFAULT_TARGETS)
     eng = Engine.load(base)
     eng.load_adapter("ad", tmp_path / "ad")
-    assert eng.model.model.layers[0].self_attn.q_proj.bias is not None
+    assert eng.model.model.layers[0].self_attn.q_proj.base_layer.bias is not None
+    # the wrapper does not register the backbone's bias a second time
+    assert not any(k.endswith("q_proj.bias") for k in eng.model.state_dict())
     got = eng.logits(IDS, adapters={"ad": 1.0})
     assert (got - peft_logits(peft_model)).abs().max().item() < 1e-4
     matrix = eng.mixture_matrix([Sequence([1], mixture=m) for m in ({"ad": 1.0}, None)])
