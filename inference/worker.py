@@ -52,6 +52,7 @@ class WorkerState:
             "device": caps.get("device"),
             "weights": caps.get("weights"),
             "compiled_decode": caps.get("compiled_decode", False),
+            "compiled_mixture_rank": caps.get("compiled_mixture_rank", 0),
         }
 
     def stats(self):
@@ -99,7 +100,7 @@ def load_engine():
             # Before serving: the warm-up writes KV slots. Inductor's on-disk cache lives with the
             # data (a warm cache turns the first start's minute or two into seconds).
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.DATA_DIR / "cache" / "inductor"))
-            engine.compile_decode()  # False (logged) leaves it eager
+            engine.compile_decode(settings.R3MES_COMPILE_MIXTURE_RANK)  # False (logged) leaves it eager
     except Exception as exc:  # the worker stays up and reports the reason through health pings
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model failed to load")

@@ -307,8 +307,12 @@ R3MES_QUANT = env_str("R3MES_QUANT", "int4")
 if R3MES_QUANT not in ("none", "int8", "int4"):
     fail("R3MES_QUANT", f"must be none, int8 or int4, got {R3MES_QUANT!r}")
 # Compile the single-sequence decode step at worker start (torch.compile/Inductor, ~1.6x eager
-# decode; first start ~1-2 min more, ~20 s once Inductor's cache under R3MES_DATA_DIR is warm).
+# decode; first start ~2-3 min more, ~30 s once Inductor's cache under R3MES_DATA_DIR is warm).
 R3MES_COMPILE = env_bool("R3MES_COMPILE", True)
+# ...with adapter mixtures whose ranks sum to at most this per projection in the graph too (24:
+# three r=8 experts, the router's most; ~1.8x eager mixture decode); 0: mixtures decode eagerly
+# and the start compiles two graphs instead of four.
+R3MES_COMPILE_MIXTURE_RANK = env_int("R3MES_COMPILE_MIXTURE_RANK", 24, minimum=0)
 R3MES_WORKER_PING_TIMEOUT = env_float("R3MES_WORKER_PING_TIMEOUT", 2.0, minimum=0.1)
 R3MES_TORCH_THREADS = env_int("R3MES_TORCH_THREADS", 0, minimum=0)
 

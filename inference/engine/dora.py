@@ -44,6 +44,7 @@ class AdapterContext:
         self.training: str | None = None  # adapter trained live (norm recomputed, detached)
         self.version = 0  # bumped whenever the mixture changes (DoraLinear caches key on it)
         self._last = None  # (mixture, active, weights, rest) of the last mixture
+        self.decode_lowrank = None  # (key, tensors) of the compiled decode step (decode_lowrank)
 
     def set_mixture(self, mixture: torch.Tensor | None) -> None:
         """Called around every forward. Decode steps usually repeat the previous step's mixture, so
@@ -280,6 +281,87 @@ def apply_mixture(plan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     for c0, c1, r0, r1, Bg in parts:
         flat[:, c0:c1].addmm_(h[:, r0:r1], Bg)
     return y
+
+
+# The projection groups of a decoder layer as the compiled decode step takes their mixture:
+# (module of the layer, projections sharing one input and one fused backbone product).
+DECODE_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+                 ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+
+
+@torch.inference_mode()  # as the decode step runs (the graph guards on the tensors' dispatch keys)
+def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool = False):
+    """The adapter context's mixture of ONE sequence as the fixed-shape tensors that the compiled
+    decode step takes (Engine.compile_decode): per group of DECODE_GROUPS, stacked over layers,
+
+    - `A` [L, P*width, in]: each projection's active A factors stacked, their ranks summed
+      and padded with zeros to `width` (so every mixture whose total rank fits is one shape, one
+      graph: three r=8 experts, one r=24, ...);
+    - one `Bg` [L, width, out] per projection: B scaled by g_i * s_i (rebuild) and by the mixture
+      weight w_i, zero rows for the padding;
+    - `g` [L, 1, sum out]: g_mix = 1 - sum w_i + sum_i w_i g_i.
+
+    The same function as mixture_plan + apply_mixture, laid out for a graph (add_lowrank).
+    `zeros`: the shapes only (all-zero factors, g = 1), for the compile warm-up. None when this
+    mixture cannot take that form: a rank sum over `width`, a bias, a projection that is not
+    wrapped, a layer without fused q|k|v and gate|up products, several sequences. Built once per
+    mixture (cached on the context); a new request's mixture costs a few milliseconds."""
+    ctx = model.adapter_context
+    layers = model.model.layers
+    if ctx is None or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in layers):
+        return None
+    if not zeros:
+        if ctx.weights is None or ctx.weights.shape[0] != 1:
+            return None
+        active = ctx.active.tolist()
+        weights = ctx.weights[0].tolist()
+        key = (ctx.version, width, dtype, tuple(active), tuple(weights))
+        cached = ctx.decode_lowrank
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        w = ctx.weights[0].to(dtype)
+        g_rest = ctx.rest[0].to(dtype)  # [1]
+    out = []
+    for owner, names in DECODE_GROUPS:
+        groups = [[getattr(getattr(layer, owner), n) for n in names] for layer in layers]
+        first = groups[0]
+        A = torch.zeros(len(layers), len(names) * width, first[0].in_features, dtype=dtype)
+        Bs = [torch.zeros(len(layers), width, m.out_features, dtype=dtype) for m in first]
+        g = torch.ones(len(layers), 1, sum(m.out_features for m in first), dtype=dtype)
+        for li, group in enumerate(groups):
+            col = 0
+            for pi, m in enumerate(group):
+                if not isinstance(m, DoraLinear) or getattr(m.base_layer, "bias", None) is not None:
+                    return None
+                if not zeros and m.stack_A is not None:
+                    g[li, 0, col:col + m.out_features] = g_rest + w @ m.stack_g[active]
+                    r0 = 0
+                    for j, i in enumerate(active):
+                        lora_A = m.lora_A[ctx.names[i]] if ctx.names[i] in m.lora_A else None
+                        if lora_A is None:
+                            continue  # not a target of this adapter: g = 1, B = 0
+                        r = lora_A.shape[0]
+                        if r0 + r > width:
+                            return None
+                        A[li, pi * width + r0:pi * width + r0 + r] = m.stack_A[i, :r]
+                        Bs[pi][li, r0:r0 + r] = m.stack_B[i, :, :r].t() * w[j]
+                        r0 += r
+                col += m.out_features
+        out.append((A, tuple(Bs), g))
+    out = tuple(out)
+    if not zeros:
+        ctx.decode_lowrank = (key, out)
+    return out
+
+
+def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bs, g: torch.Tensor) -> torch.Tensor:
+    """One layer's group of decode_lowrank inside the compiled decode step: x [1, 1, in], the fused
+    backbone output y [1, 1, out] -> g_mix * y + the weighted low-rank paths. Written as products
+    and sums, not matmuls: Inductor turns them into a few vectorised loops inside its own kernel
+    (a matmul would be an external call, ~9 us each for these 1-row products, 330 per token)."""
+    h = (x.reshape(1, x.shape[-1]) * A).sum(-1)  # A [P*width, in] -> h [P*width]
+    delta = torch.cat([(hp[:, None] * B).sum(0) for hp, B in zip(h.chunk(len(Bs)), Bs)])  # [out]
+    return y * g + delta
 
 
 def combine_group(modules, x: torch.Tensor, y: torch.Tensor, owner: nn.Module) -> torch.Tensor:

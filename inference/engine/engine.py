@@ -196,21 +196,23 @@ class Engine:
         """A continuous-batching scheduler on this engine's model (one active batch per engine)."""
         return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix, self.lock)
 
-    def compile_decode(self) -> bool:
-        """Compile the decode step of a lone sequence without adapters (torch.compile, Inductor:
-        the ~35 small ops per layer fuse into a few C++ kernels; about 1.6x eager int4 decode here,
-        benchmarks/RESULTS.md). Call it after the batch that will serve exists (`new_batch`): the
-        graph is built for that KV cache, and a larger cache later drops it (eager again). The
-        warm-up writes KV slots 0 and 1, so no sequence may be running.
+    def compile_decode(self, mixture_rank: int = 24) -> bool:
+        """Compile the decode step of a lone sequence (torch.compile, Inductor: the ~35 small ops
+        per layer, and an adapter mixture's, fuse into a few C++ kernels; about 1.6x eager int4
+        decode here, benchmarks/RESULTS.md). Call it after the batch that will serve exists
+        (`new_batch`): the graph is built for that KV cache, and a larger cache later drops it
+        (eager again). The warm-up writes KV slots 0 and 1, so no sequence may be running.
 
-        Two dynamic graphs (slot 0, other slots) serve every slot and length; should a call still
-        need a recompile, it runs eagerly instead of stalling a request (generate.decode_one_token).
-        Batches of several sequences, adapter mixtures and live training run the eager forward.
-        The seven projections of every layer are wrapped for DoRA now, so loading adapters later
-        does not change what the graph was built on. The first compile takes a minute or two on
-        two cores; Inductor caches it on disk (TORCHINDUCTOR_CACHE_DIR), so later starts take
-        seconds. Returns False, and leaves the engine eager, when compiling fails (no C++
-        compiler, ...).
+        Dynamic graphs (slot 0, other slots) serve every slot and length. With `mixture_rank` > 0
+        two more take any adapter mixture whose ranks sum to at most `mixture_rank` per projection
+        (24: three r=8 experts, the router's most), passed in as tensors of one fixed shape
+        (dora.decode_lowrank); wider mixtures, batches of several sequences and live training run
+        the eager forward. Should a call still need a recompile, it runs eagerly instead of
+        stalling a request (generate.decode_one_token). The seven projections of every layer are
+        wrapped for DoRA now, so loading adapters later does not change what the graph was built
+        on. The first compile takes minutes on two cores; Inductor caches it on disk
+        (TORCHINDUCTOR_CACHE_DIR), so later starts take seconds. Returns False, and leaves the
+        engine eager, when compiling fails (no C++ compiler, ...).
         """
         model = self.model
         if model.max_batch == 0:
@@ -224,8 +226,16 @@ class Engine:
                 dora.wrap_module(model, path)
         compiled = torch.compile(model.decode_one, dynamic=True, fullgraph=True)
         started = time.monotonic()
-        # Two graphs per engine, all of one code object (Transformer.decode_one): a process with
-        # several engines (tests, benchmarks) needs more than dynamo's default 8 per code object.
+        lowranks = [None]
+        if mixture_rank > 0:
+            zeros = dora.decode_lowrank(model, mixture_rank, model.model.embed_tokens.weight.dtype, zeros=True)
+            # One fixed shape: the mixture tensors are static in the graph (exact-size guards, no
+            # symbols), so any mixture that fits takes the same graph.
+            for t in (t for group in zeros for t in (group[0], *group[1], group[2])):
+                torch._dynamo.mark_static(t)
+            lowranks.append(zeros)
+        # Two or four graphs per engine, all of one code object (Transformer.decode_one): a process
+        # with several engines (tests, benchmarks) needs more than dynamo's default 8 per code object.
         limit = max(64, torch._dynamo.config.recompile_limit)
         with self.lock, torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=limit):
             # inference_mode as Batch.step runs it (the graph guards on that)
@@ -233,14 +243,16 @@ class Engine:
             try:
                 # Inductor specialises slot 0 (its cache view starts at offset 0) against the other
                 # slots (a guard seen with TORCH_LOGS=recompiles): build both now, not mid-request.
-                # (A context filled to its very last position would need a third graph: that one
+                # (A context filled to its very last position would need one more graph: that one
                 # step runs eagerly, see generate.decode_one_token.)
-                for slot in sorted({0, min(1, model.max_batch - 1)}):
-                    compiled(token, slot + 2, 2 + 2)
+                for lowrank in lowranks:
+                    for slot in sorted({0, min(1, model.max_batch - 1)}):
+                        compiled(token, slot + 2, 2 + 2, lowrank)
             except Exception as exc:  # Inductor needs a working C++ toolchain; eager still serves
                 log.warning("compile_decode failed, decoding eagerly: %s: %s", type(exc).__name__, exc)
                 return False
         model.compiled_decode = compiled
+        model.compiled_mixture_rank = mixture_rank
         log.info("decode graph compiled in %.1f s", time.monotonic() - started)
         return True
 
@@ -298,6 +310,7 @@ class Engine:
             "threads": torch.get_num_threads(),
             # a lone sequence without adapters decodes through the torch.compile'd graph
             "compiled_decode": self.model.compiled_decode is not None,
+            "compiled_mixture_rank": self.model.compiled_mixture_rank if self.model.compiled_decode is not None else 0,
             "memory": memory,
             "adapters": self.adapters,
             "load_seconds": round(self.load_seconds, 3),

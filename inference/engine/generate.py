@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .dora import decode_lowrank
 from .errors import ContextLengthExceeded, EngineError
 from .tokenizer import Tokenizer
 
@@ -72,14 +73,34 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots
                      mixture: torch.Tensor | None) -> torch.Tensor:
     """tokens [B], input_pos [B], slots [B], mixture [B, N] -> logits [B, V].
 
-    A lone sequence without adapters takes the compiled decode graph when the engine built one
-    (Engine.compile_decode); everything else runs the eager forward."""
+    A lone sequence takes the compiled decode graph when the engine built one
+    (Engine.compile_decode), its adapter mixture, if any, passed in as fixed-shape tensors
+    (dora.decode_lowrank); batches of several sequences, mixtures too wide for the graph and live
+    training run the eager forward."""
     compiled = model.compiled_decode
-    if compiled is not None and mixture is None and tokens.shape[0] == 1:
-        ctx = model.adapter_context
-        if (ctx is None or ctx.training is None) and int(input_pos[0]) + 1 < model.cache_len:
-            with torch.compiler.set_stance("eager_on_recompile"):  # never a ~10 s compile mid-request
-                return compiled(tokens[:, None], int(slots[0]) + 2, int(input_pos[0]) + 3)[:, -1]
+    ctx = model.adapter_context
+    if (compiled is not None and tokens.shape[0] == 1 and (ctx is None or ctx.training is None)
+            and int(input_pos[0]) + 1 < model.cache_len):
+        lowrank, eager = None, False
+        if mixture is not None:
+            ctx.set_mixture(mixture)
+            try:
+                if ctx.weights is not None:  # the sequence really uses an adapter
+                    eager = model.compiled_mixture_rank == 0
+                    if not eager:
+                        lowrank = decode_lowrank(model, model.compiled_mixture_rank, model.model.embed_tokens.weight.dtype)
+                        eager = lowrank is None
+            finally:
+                ctx.set_mixture(None)
+        if not eager:
+            # Never a ~10 s compile mid-request: a call no graph takes runs eagerly. Only the
+            # guards that tell the warm-up's graphs apart are evaluated (slot 0 or not, mixture or
+            # not; ~5% of a decode step otherwise, benchmarks/RESULTS.md): everything else the full
+            # guards check is fixed while the graph lives or is routed to the eager forward above
+            # (several rows, training, the cache's last position, a mixture decode_lowrank cannot
+            # take); a new KV cache drops the graph (Transformer.setup_caches).
+            with torch.compiler.set_stance("eager_on_recompile", skip_guard_eval_unsafe=True):
+                return compiled(tokens[:, None], int(slots[0]) + 2, int(input_pos[0]) + 3, lowrank)[:, -1]
     return model(tokens[:, None], input_pos=input_pos[:, None], slots=slots, mixture=mixture)[:, -1]
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bitlinear import BitLinear
-from .dora import combine_group
+from .dora import add_lowrank, combine_group
 
 
 @dataclass
@@ -169,13 +169,18 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # set by speed.fuse_projections (rows q|k|v)
         self.mix_plan = None  # the q|k|v group's cached DoRA mixture plan (dora.mixture_plan)
 
-    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None):
+    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None, lowrank=None):
+        """`lowrank`: the q|k|v and o groups of the mixture in the compiled decode step's form
+        (dora.decode_lowrank), instead of the adapter context's."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_proj is not None:
             # One fused backbone product for q|k|v (with or without adapters), RoPE on q and k in one go.
-            qkv = self.qkv_proj(x)  # [B, T, (H + 2 Hkv) hd]
-            qkv = combine_group((self.q_proj, self.k_proj, self.v_proj), x, qkv, self)  # adapters add to its rows
+            qkv = self.qkv_proj(x)  # [B, T, (H + 2 Hkv) hd]; adapters add to its rows:
+            if lowrank is None:
+                qkv = combine_group((self.q_proj, self.k_proj, self.v_proj), x, qkv, self)
+            else:
+                qkv = add_lowrank(x, qkv, *lowrank[0])
             qkv = qkv.view(B, T, H + 2 * Hkv, hd)
             qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H+Hkv, T, hd]
             q, k = qk[:, :H], qk[:, H:]
@@ -196,6 +201,8 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # [B, T, H*hd]
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
+        if lowrank is not None:
+            return add_lowrank(y, self.o_proj.base_layer(y), *lowrank[1])
         return self.o_proj(y)
 
 
@@ -210,13 +217,18 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # set by speed.fuse_projections (rows gate|up)
         self.mix_plan = None  # the gate|up group's cached DoRA mixture plan (dora.mixture_plan)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lowrank=None) -> torch.Tensor:
+        """`lowrank`: the gate|up and down groups from the compiled decode step, as in Attention."""
         if self.gate_up_proj is not None:
-            gate_up = combine_group((self.gate_proj, self.up_proj), x, self.gate_up_proj(x), self)
+            if lowrank is None:
+                gate_up = combine_group((self.gate_proj, self.up_proj), x, self.gate_up_proj(x), self)
+            else:
+                gate_up = add_lowrank(x, self.gate_up_proj(x), *lowrank[0])
             gate, up = gate_up.chunk(2, dim=-1)
-            if self.bitnet:
-                return self.down_proj(self.ffn_sub_norm(F.relu(gate).square() * up))
-            return self.down_proj(F.silu(gate) * up)
+            h = self.ffn_sub_norm(F.relu(gate).square() * up) if self.bitnet else F.silu(gate) * up
+            if lowrank is not None:
+                return add_lowrank(h, self.down_proj.base_layer(h), *lowrank[1])
+            return self.down_proj(h)
         if self.bitnet:
             h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)  # [B, T, hidden]
             return self.down_proj(self.ffn_sub_norm(h))
@@ -231,9 +243,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, input_pos, kv_len, plan)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None, lowrank=None):
+        attn_lowrank, mlp_lowrank = (None, None) if lowrank is None else (lowrank[:2], lowrank[2:])
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, input_pos, kv_len, plan,
+                               attn_lowrank)
+        return h + self.mlp(self.post_attention_layernorm(h), mlp_lowrank)
 
 
 class DecoderModel(nn.Module):
@@ -261,6 +275,7 @@ class Transformer(nn.Module):
         self.max_batch = 0
         self.cache_len = 0
         self.compiled_decode = None  # torch.compile'd decode_one, set by Engine.compile_decode()
+        self.compiled_mixture_rank = 0  # the rank sum its mixture graphs take (0: none)
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         """Allocate KV buffers for `max_batch` slots of `max_seq_len` tokens (gpt-fast style)."""
@@ -274,21 +289,23 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
         self.max_batch, self.cache_len = max_batch, max_seq_len
 
-    def decode_one(self, tokens: torch.Tensor, slot_plus_2: int, length_plus_2: int) -> torch.Tensor:
-        """One decode step of ONE sequence without adapters: tokens [1, 1] at position
-        `length - 1` of KV slot `slot` -> logits [1, 1, V]. What `forward` computes for that case,
-        written for torch.compile (Engine.compile_decode): no tensor is read back into Python, the
-        slot and length are plain ints that become symbols of one dynamic graph. They arrive plus 2
-        because the compiler specialises the values 0 and 1 (a recompile each) and a decode step
-        can have slot 0 or 1, never a length below 2 after the +2.
+    def decode_one(self, tokens: torch.Tensor, slot_plus_2: int, length_plus_2: int, lowrank=None) -> torch.Tensor:
+        """One decode step of ONE sequence: tokens [1, 1] at position `length - 1` of KV slot
+        `slot` -> logits [1, 1, V], with the adapter mixture given as `lowrank` (tensors of one
+        fixed shape whatever the mixture, dora.decode_lowrank) or none. What `forward` computes
+        for that case, written for torch.compile (Engine.compile_decode): no tensor is read back
+        into Python, the slot and length are plain ints that become symbols of one dynamic graph.
+        The ints arrive plus 2 because the compiler specialises the values 0 and 1 (a recompile
+        each) and a step can have slot 0 or 1.
         """
         slot, length = slot_plus_2 - 2, length_plus_2 - 2
         x = self.model.embed_tokens(tokens)  # [1, 1, D]
         input_pos = torch.full((1, 1), length - 1, dtype=torch.long, device=tokens.device)
         cos, sin = self.rope(input_pos, x.dtype)
         plan = StepPlan.single(slot, length - 1)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, None, None, input_pos, length, plan)
+        for i, layer in enumerate(self.model.layers):
+            layer_lowrank = None if lowrank is None else [(A[i], [B[i] for B in Bs], g[i]) for A, Bs, g in lowrank]
+            x = layer(x, cos, sin, None, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 
     def forward(self, tokens, input_pos=None, slots=None, mixture=None, last_only: bool = False) -> torch.Tensor:

@@ -92,39 +92,91 @@ def test_a_sequence_filling_the_context_keeps_to_the_graph_it_has(compiled_engin
     engine.model.compiled_decode = graph
 
 
-def test_compiled_logits_match_the_eager_forward(compiled_engines):
-    _, engines = compiled_engines
+def test_compiled_logits_match_the_eager_forward_with_and_without_mixtures(compiled_engines, tmp_path):
+    """The graph called directly (no eager fallback can hide a recompile) with mixtures of
+    adapters of different ranks and targets, in slots 0 and 2."""
+    from inference.engine.dora import decode_lowrank
+
+    path, engines = compiled_engines
     engine, graph = engines[None]
     model = engine.model
     ids = IDS[:9]
-    with torch.inference_mode():
-        full = model(torch.tensor([ids]))[0]  # eager, no cache
-        for slot in (0, 2):
-            model(torch.tensor([ids[:5]]), input_pos=torch.arange(5)[None], slots=torch.tensor([slot]))
-            for pos in range(5, 9):
-                step = graph(torch.tensor([[ids[pos]]]), slot + 2, pos + 1 + 2)[0, -1]
-                assert (step - full[pos]).abs().max().item() < 1e-4
+    make_peft_adapter(path, tmp_path / "a", seed=3, r=3, targets=("q_proj", "o_proj", "up_proj", "down_proj"))
+    make_peft_adapter(path, tmp_path / "b", seed=4, r=5, targets=("k_proj", "v_proj", "gate_proj"))
+    engine.load_adapter("a", tmp_path / "a")
+    engine.load_adapter("b", tmp_path / "b")
+    before = graphs()
+    try:
+        outputs = []
+        for mixture in (None, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.25, 0.75]])):
+            with torch.inference_mode():
+                full = model(torch.tensor([ids]), mixture=mixture)[0]  # eager, no cache
+                model.adapter_context.set_mixture(mixture)
+                lowrank = None if mixture is None else decode_lowrank(model, model.compiled_mixture_rank, torch.float32)
+                model.adapter_context.set_mixture(None)
+                for slot in (0, 2):
+                    model(torch.tensor([ids[:5]]), input_pos=torch.arange(5)[None], slots=torch.tensor([slot]),
+                          mixture=mixture)
+                    for pos in range(5, 9):
+                        step = graph(torch.tensor([[ids[pos]]]), slot + 2, pos + 1 + 2, lowrank)[0, -1]
+                        assert (step - full[pos]).abs().max().item() < 1e-4
+            outputs.append(full)
+        assert graphs() == before
+        assert (outputs[0] - outputs[1]).abs().max() > 1e-2 and (outputs[1] - outputs[2]).abs().max() > 1e-2
+    finally:
+        engine.unload_adapter("a")
+        engine.unload_adapter("b")
 
 
-def test_adapters_loaded_after_compiling_run_eager_mixtures_and_keep_the_graph(compiled_engines, tmp_path):
+def test_adapters_loaded_after_compiling_decode_through_the_same_graphs(compiled_engines, tmp_path):
+    """Mixtures of one or two adapters of different ranks, alone in a slot: the graph, no recompile,
+    the eager tokens; while several sequences share a step, the eager batch."""
     path, engines = compiled_engines
     engine, graph = engines[None]
-    make_peft_adapter(path, tmp_path / "ad", targets=("q_proj", "v_proj", "down_proj"))
+    make_peft_adapter(path, tmp_path / "a", seed=1, r=4, targets=("q_proj", "v_proj", "down_proj"))
+    make_peft_adapter(path, tmp_path / "b", seed=2, r=2, targets=("k_proj", "o_proj", "up_proj", "gate_proj"))
     before = graphs()
-    engine.load_adapter("ad", tmp_path / "ad")
+    engine.load_adapter("a", tmp_path / "a")
+    engine.load_adapter("b", tmp_path / "b")
     try:
-        mixtures = [{"ad": 1.0}, None, None]
-        for lengths, lone_without_adapter in (((3, 5, 9), 9 - 5), ((9, 3, 5), 0)):
-            spy = CountCalls(graph)
-            got = decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=spy)
-            assert spy.calls == lone_without_adapter  # a lone sequence WITH a mixture runs eagerly
-            assert got == decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=None)
+        for mixtures in ([{"a": 1.0}, None, {"a": 0.3, "b": 0.7}], [{"b": 1.0}, {"a": 0.5, "b": 0.5}, None]):
+            for lengths in ((3, 5, 9), (9, 3, 5), (4, 9, 3)):
+                spy = CountCalls(graph)
+                got = decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=spy)
+                assert spy.calls == sorted(lengths)[-1] - sorted(lengths)[-2]  # every lone step
+                assert got == decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=None)
         assert graphs() == before
-        with_adapter = decode(engine, PROMPTS, (9, 1, 1), mixtures=mixtures)[0]
-        without = decode(engine, PROMPTS, (9, 1, 1))[0]
-        assert with_adapter != without  # the adapter really takes part where it is asked for
+        with_adapter = decode(engine, PROMPTS, (9, 1, 1), mixtures=[{"a": 1.0}, None, None], compiled=graph)[0]
+        without = decode(engine, PROMPTS, (9, 1, 1), compiled=graph)[0]
+        assert with_adapter != without  # the adapter really takes part in the graph
     finally:
-        engine.unload_adapter("ad")
+        engine.unload_adapter("a")
+        engine.unload_adapter("b")
+        engine.model.compiled_decode = graph
+
+
+def test_a_mixture_whose_ranks_sum_past_the_graph_width_decodes_eagerly(compiled_engines, tmp_path):
+    """The graph takes mixtures whose ranks sum to at most compile_decode's mixture_rank (24): r=21
+    alone and r=4 alone take it, r=21 + r=4 runs eagerly, all with the eager tokens."""
+    path, engines = compiled_engines
+    engine, graph = engines[None]
+    assert engine.model.compiled_mixture_rank == 24
+    make_peft_adapter(path, tmp_path / "wide", seed=5, r=21, targets=("q_proj", "o_proj", "gate_proj"))
+    make_peft_adapter(path, tmp_path / "narrow", seed=6, r=4, targets=("q_proj", "down_proj"))
+    engine.load_adapter("wide", tmp_path / "wide")
+    engine.load_adapter("narrow", tmp_path / "narrow")
+    before = graphs()
+    try:
+        for mixture, graph_steps in (({"wide": 1.0}, 4), ({"wide": 0.5, "narrow": 0.5}, 0), ({"narrow": 1.0}, 4)):
+            spy = CountCalls(graph)
+            mixtures = [mixture, None, None]
+            got = decode(engine, PROMPTS, (9, 3, 5), mixtures=mixtures, compiled=spy)
+            assert spy.calls == graph_steps  # the 4 steps the first sequence decodes alone
+            assert got == decode(engine, PROMPTS, (9, 3, 5), mixtures=mixtures, compiled=None)
+        assert graphs() == before
+    finally:
+        engine.unload_adapter("wide")
+        engine.unload_adapter("narrow")
         engine.model.compiled_decode = graph
 
 
