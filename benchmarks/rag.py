@@ -20,6 +20,7 @@ Runs side by side, in one process run, on a throw-away data dir and SQLite datab
              (minutes of generation on CPU).
 
     python benchmarks/rag.py [--sizes 1000,10000,100000] [--queries 40] [--parts ingest,quality,latency,citations]
+                             [--layouts user+example] [--repetition-penalties 1.0,1.1]
 """
 
 import argparse
@@ -230,7 +231,7 @@ UNRELATED = ["I am sorry, I cannot help with that request.", "The capital of Fra
              "Python is a programming language that is easy to learn and widely used."]
 
 
-def bench_citations(user, questions, n_questions, layouts):
+def bench_citations(user, questions, n_questions, layouts, penalties=(1.0,)):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     from django.conf import settings
@@ -247,11 +248,12 @@ def bench_citations(user, questions, n_questions, layouts):
     engine = Engine.load(cache_dir=settings.MODEL_CACHE_DIR)
     asked = questions[1::max(1, len(questions) // n_questions)]
     answers, table = [], {}
-    for layout in layouts:
+    for layout, penalty in ((layout, penalty) for layout in layouts for penalty in penalties):
         row = dict(answers=0, markers=0, phrase=0, cited=0, right=0)
         for q in asked:
             results = retrieve(q["question"], user, collections=[collection.pk], top_k=3)
-            text = "".join(engine.generate(LAYOUTS[layout](q["question"], results), max_tokens=80, temperature=0.0))
+            text = "".join(engine.generate(LAYOUTS[layout](q["question"], results), max_tokens=80, temperature=0.0,
+                                           repetition_penalty=penalty))
             cited = citations.cited_sources(text, results, q["question"])
             row["answers"] += 1
             row["markers"] += any(s["cited"] == "marker" for s in cited)
@@ -259,7 +261,7 @@ def bench_citations(user, questions, n_questions, layouts):
             row["cited"] += bool(cited)
             row["right"] += any(s["title"] == q["document"] for s in cited)
             answers.append((q, results, text))
-        table[layout] = row
+        table[layout if len(penalties) == 1 else f"{layout}, repetition penalty {penalty}"] = row
     sweep = {}
     saved = citations.MIN_COVERAGE, citations.MIN_PHRASES
     for coverage in (0.34, 0.5, 0.67):
@@ -284,6 +286,8 @@ def main():
     parser.add_argument("--parts", default="ingest,quality,latency", help="comma-separated subset to run")
     parser.add_argument("--citation-questions", type=int, default=12)
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="prompt layouts for the citations part")
+    parser.add_argument("--repetition-penalties", default="1.0",
+                        help="comma-separated repetition penalties the citations part answers with (each a row)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     parts = set(args.parts.split(","))
@@ -318,7 +322,8 @@ def main():
 
         if "citations" in parts:
             layouts = args.layouts.split(",")
-            table, sweep, n_answers = bench_citations(user, questions, args.citation_questions, layouts)
+            penalties = [float(p) for p in args.repetition_penalties.split(",") if p]
+            table, sweep, n_answers = bench_citations(user, questions, args.citation_questions, layouts, penalties)
             print("\n## Citations (SmolLM2-135M, greedy, 80 tokens, top 3 passages)\n")
             print("| layout | answers | valid [n] markers | expected phrase in the answer | cites a source | cites the answer's document |")
             print("| --- | ---: | ---: | ---: | ---: | ---: |")

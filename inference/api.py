@@ -25,7 +25,7 @@ CHAT_FIELDS = {
     "model": str, "messages": list, "max_tokens": int, "max_completion_tokens": int, "temperature": (int, float),
     "top_p": (int, float), "stop": (str, list), "seed": int, "stream": bool, "n": int, "user": str,
     "stream_options": dict, "r3mes": dict, "top_k": int, "presence_penalty": (int, float),
-    "frequency_penalty": (int, float),
+    "frequency_penalty": (int, float), "repetition_penalty": (int, float),
 }
 R3MES_FIELDS = {"experts": (list, dict), "rag": bool, "collections": list, "system": str}
 
@@ -89,7 +89,8 @@ def check_chat_request(body, known_experts):
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         options["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "stop", "seed", "top_k"):
+    for name in ("temperature", "top_p", "stop", "seed", "top_k", "frequency_penalty", "presence_penalty",
+                 "repetition_penalty"):
         if body.get(name) is not None:
             options[name] = body[name]
     extensions = body.get("r3mes") or {}

@@ -137,6 +137,10 @@ def register_client(subparsers):
         parser.add_argument("--temperature", type=float, default=None)
         parser.add_argument("--top-p", type=float, default=None)
         parser.add_argument("--top-k", type=int, default=None)
+        parser.add_argument("--frequency-penalty", type=float, default=None)
+        parser.add_argument("--presence-penalty", type=float, default=None)
+        parser.add_argument("--repetition-penalty", type=float, default=None,
+                            help="1 = off; the server's default is R3MES_REPETITION_PENALTY")
         parser.add_argument("--seed", type=int, default=None)
         parser.add_argument("--stop", action="append", default=None)
         parser.add_argument("--experts", default=None, help="Force experts, comma-separated")
@@ -214,7 +218,8 @@ def _chat_body(options, stream):
 
     messages = [{"role": "user", "content": options["prompt"]}]
     body = {"model": "r3mes", "messages": messages, "stream": stream}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "frequency_penalty", "presence_penalty",
+                 "repetition_penalty"):
         if options[name] is not None:
             body[name] = options[name]
     extensions = {}

@@ -46,6 +46,9 @@ class Options:
     rag_top_k: int = 5
     experts: list | dict | None = None  # forced experts: ids (equal weights) or {id: weight}
     stop: tuple = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def validate(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -56,6 +59,19 @@ class Options:
             raise PipelineError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise PipelineError(f"top_k must be a non-negative integer, got {self.top_k!r}", "top_k")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise PipelineError(f"{name} must be between -2 and 2, got {getattr(self, name)!r}", name)
+        if not 0 < self.repetition_penalty <= 2:
+            raise PipelineError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}",
+                                "repetition_penalty")
+
+    def sampling(self) -> dict:
+        """The keyword arguments of Engine.sequence these options set."""
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "seed": self.seed, "stop": self.stop,
+                "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+                "repetition_penalty": self.repetition_penalty}
 
 
 @dataclass
@@ -139,9 +155,8 @@ class Pipeline:
         plan = self.prepare(messages, options, user)
         pieces, ttft, gen_seconds, seq = [], None, 0.0, None
         try:
-            seq = self.engine.sequence(plan.prompt, plan.options.max_tokens, plan.options.temperature,
-                                       plan.options.top_p, plan.options.top_k, plan.options.seed,
-                                       plan.options.stop, plan.adapters or None, cancel)
+            seq = self.engine.sequence(plan.prompt, adapters=plan.adapters or None, cancel=cancel,
+                                       **plan.options.sampling())
             from inference.engine.generate import generate
 
             gen_started = time.perf_counter()

@@ -34,6 +34,9 @@ OPTION_TYPES = {
     "temperature": (int, float),
     "top_p": (int, float),
     "top_k": int,
+    "frequency_penalty": (int, float),
+    "presence_penalty": (int, float),
+    "repetition_penalty": (int, float),
     "seed": int,
     "stop": (str, list),
     "system": str,
@@ -125,6 +128,13 @@ def clean_options(options, known_experts=None):
             raise InvalidRequest("top_p must be > 0", "top_p")
     if "top_k" in out:
         _number(out, "top_k", 0, 1000)
+    for name in ("frequency_penalty", "presence_penalty"):
+        if name in out:
+            _number(out, name, -2, 2)
+    if "repetition_penalty" in out:
+        _number(out, "repetition_penalty", 0, 2)
+        if out["repetition_penalty"] == 0:
+            raise InvalidRequest("repetition_penalty must be > 0", "repetition_penalty")
     if "seed" in out:
         _number(out, "seed", 0, 2**63 - 1)
     if "stop" in out:

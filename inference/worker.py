@@ -192,6 +192,9 @@ def pipeline_options(options):
         collections=collections,
         experts=options.get("experts") or None,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        frequency_penalty=float(options.get("frequency_penalty", 0.0)),
+        presence_penalty=float(options.get("presence_penalty", 0.0)),
+        repetition_penalty=float(options.get("repetition_penalty", settings.R3MES_REPETITION_PENALTY)),
     )
 
 
@@ -385,17 +388,8 @@ class Scheduler:
             try:
                 plan_ = plan(self.pipeline, job)
                 opts = plan_.options
-                seq = self.engine.sequence(
-                    plan_.prompt,
-                    max_tokens=opts.max_tokens,
-                    temperature=opts.temperature,
-                    top_p=opts.top_p,
-                    top_k=opts.top_k,
-                    seed=opts.seed,
-                    stop=opts.stop,
-                    adapters=plan_.adapters or None,
-                    cancel=job.cancel,
-                )
+                seq = self.engine.sequence(plan_.prompt, adapters=plan_.adapters or None, cancel=job.cancel,
+                                           **opts.sampling())
                 seq.job = job
                 self.batch.add(seq)
             except Rejected as exc:

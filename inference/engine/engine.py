@@ -182,14 +182,16 @@ class Engine:
 
     def sequence(self, messages_or_prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=(), adapters: dict[str, float] | None = None,
-                 cancel=None, ignore_eos: bool = False) -> Sequence:
+                 cancel=None, ignore_eos: bool = False, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, repetition_penalty: float = 1.0) -> Sequence:
         """Build a validated Sequence (for `generate` or for a worker's `Batch`)."""
         ids = self._check_ids(self.tokenize(self.render(messages_or_prompt)))
         if adapters:
             dora.mixture_vector(adapters, self.adapters)  # raise now, not mid-batch
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()),
-                                ignore_eos=ignore_eos)
+                                ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
+                                presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
         return Sequence(ids, params, dict(adapters) if adapters else None, cancel)
 
     def new_batch(self, max_batch: int = 8, max_seq_len: int = 2048) -> Batch:
@@ -259,10 +261,11 @@ class Engine:
     def generate(self, messages_or_prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop=(), adapters: dict[str, float] | None = None,
                  cancel=None, callback: Callable[[str], None] | None = None,
-                 max_seq_len: int = 2048, ignore_eos: bool = False) -> Iterator[str]:
+                 max_seq_len: int = 2048, ignore_eos: bool = False, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, repetition_penalty: float = 1.0) -> Iterator[str]:
         """Stream text pieces (valid UTF-8, stop strings excluded) for one prompt or chat."""
         seq = self.sequence(messages_or_prompt, max_tokens, temperature, top_p, top_k, seed, stop, adapters, cancel,
-                            ignore_eos)
+                            ignore_eos, frequency_penalty, presence_penalty, repetition_penalty)
         if len(seq.prompt_ids) >= min(max_seq_len, self.config.max_seq_len):
             raise ContextLengthExceeded(
                 f"prompt has {len(seq.prompt_ids)} tokens; the context holds {min(max_seq_len, self.config.max_seq_len)}")

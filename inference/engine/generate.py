@@ -27,6 +27,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always produce max_tokens
+    # OpenAI's: logit -= frequency_penalty * count + presence_penalty * (count > 0), count = times
+    # the token was generated so far in this answer.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # llama.cpp's / Hugging Face's: a token among the last REPEAT_WINDOW of the sequence (prompt
+    # tail and answer) has its logit divided by this (multiplied when negative); 1 = off.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -37,13 +44,41 @@ class SamplingParams:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise EngineError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise EngineError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise EngineError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [V] float32 -> one token id."""
+REPEAT_WINDOW = 64  # tokens the repetition penalty looks back over (llama.cpp's repeat_last_n)
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
+    """logits [V] -> a penalised copy (the same tensor when no penalty is set)."""
+    rp = params.repetition_penalty
+    if rp != 1.0:
+        tail = list(output_ids[-REPEAT_WINDOW:])
+        need = REPEAT_WINDOW - len(tail)
+        recent = (list(prompt_ids[-need:]) if need > 0 else []) + tail
+        ids = torch.tensor(sorted(set(recent)), dtype=torch.long)
+        logits = logits.clone()
+        vals = logits[ids]
+        logits[ids] = torch.where(vals > 0, vals / rp, vals * rp)
+    if (params.frequency_penalty or params.presence_penalty) and output_ids:
+        ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
+        logits = logits.clone() if rp == 1.0 else logits
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           prompt_ids=(), output_ids=()) -> int:
+    """logits [V] float32 -> one token id (penalties see the sequence's tokens so far)."""
+    logits = apply_penalties(logits, params, prompt_ids, output_ids)
     if params.temperature == 0:
         return int(logits.argmax())
     logits = logits / params.temperature
@@ -252,14 +287,14 @@ class Batch:
             mix = self.mixture_matrix([seq])
             tokens = torch.tensor(seq.prompt_ids, device=self.device)
             logits = prefill(self.model, tokens, seq.slot, None if mix is None else mix[0])
-            out.append(self._accept(seq, sample(logits.float().cpu(), seq.params, seq.generator)))
+            out.append(self._accept(seq, sample(logits.float().cpu(), seq.params, seq.generator, seq.prompt_ids, seq.output_ids)))
         if decoding:
             last = torch.tensor([s.output_ids[-1] for s in decoding], device=self.device)  # [B]
             pos = torch.tensor([len(s.prompt_ids) + len(s.output_ids) - 1 for s in decoding], device=self.device)
             slots = torch.tensor([s.slot for s in decoding], device=self.device)
             logits = decode_one_token(self.model, last, pos, slots, self.mixture_matrix(decoding)).float().cpu()
             for i, seq in enumerate(decoding):
-                out.append(self._accept(seq, sample(logits[i], seq.params, seq.generator)))
+                out.append(self._accept(seq, sample(logits[i], seq.params, seq.generator, seq.prompt_ids, seq.output_ids)))
         for o in out:
             if o.finished and o.seq in self.running:
                 self._release(o.seq)

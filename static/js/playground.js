@@ -48,7 +48,7 @@ function options() {
   const data = new FormData(form);
   const out = {};
   for (const name of ["max_tokens", "top_k", "seed"]) if (data.get(name) !== "" && data.get(name) !== null) out[name] = parseInt(data.get(name), 10);
-  for (const name of ["temperature", "top_p"]) if (data.get(name) !== "" && data.get(name) !== null) out[name] = parseFloat(data.get(name));
+  for (const name of ["temperature", "top_p", "repetition_penalty"]) if (data.get(name) !== "" && data.get(name) !== null) out[name] = parseFloat(data.get(name));
   if ((data.get("system") || "").trim()) out.system = data.get("system").trim();
   out.rag = data.get("rag") === "on";
   const list = (name) => (data.get(name) || "").split(",").map((s) => s.trim()).filter(Boolean);

@@ -51,6 +51,21 @@ def test_same_seed_gives_the_same_sampled_answer(client):
     assert ask() == ask()
 
 
+def test_penalties_reach_the_engine(client):
+    """OpenAI's frequency and presence penalties and the repetition penalty (an extra field, as in
+    vLLM) change a greedy answer that repeats itself."""
+    def ask(**penalties):
+        return client.chat.completions.create(
+            model="r3mes", messages=[{"role": "user", "content": "Write a poem about the sea."}], max_tokens=40,
+            temperature=0, extra_body={"repetition_penalty": penalties.pop("repetition_penalty", 1.0)},
+            **penalties).choices[0].message.content
+
+    plain = ask()
+    assert plain == ask()
+    for penalty in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"repetition_penalty": 1.5}):
+        assert ask(**penalty) != plain, penalty
+
+
 def test_raw_sse_ends_with_done(live_stack):
     response = requests.post(live_stack.url + "/v1/chat/completions", stream=True, timeout=120,
                              headers={"Authorization": f"Bearer {live_stack.token}"},
@@ -67,6 +82,7 @@ def test_raw_sse_ends_with_done(live_stack):
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "r3mes": {"experts": ["astrology"]}}, 400, "experts"),
 ])
 def test_openai_client_sees_bad_requests_as_errors(client, body, status, param):

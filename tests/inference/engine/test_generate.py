@@ -1,9 +1,10 @@
 import threading
 
 import pytest
+import torch
 
 from inference.engine import ContextLengthExceeded, EngineError
-from inference.engine.generate import SamplingParams, TextStream
+from inference.engine.generate import REPEAT_WINDOW, SamplingParams, TextStream, apply_penalties
 
 from .test_dora import make_peft_adapter
 
@@ -112,7 +113,8 @@ def test_prompt_longer_than_context_raises_context_length_exceeded(engine):
 
 
 def test_invalid_sampling_parameters_raise_engine_error():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0)):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0), dict(frequency_penalty=2.5),
+                dict(presence_penalty=-3), dict(repetition_penalty=0), dict(repetition_penalty=2.5)):
         with pytest.raises(EngineError):
             SamplingParams(**bad)
 
@@ -168,3 +170,36 @@ def test_batch_cancel_frees_the_slot_for_waiting_sequences(tiny_engine):
     while len(batch):
         batch.step()
     assert second.finish_reason == "length" and len(second.output_ids) == 2
+
+
+def test_penalties_follow_openai_and_llama_cpp_formulas():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    same = apply_penalties(logits, SamplingParams(), [0, 1], [3, 3])
+    assert same is logits  # no penalty: untouched, no copy
+    # OpenAI: minus frequency x count minus presence once, over the generated tokens only
+    got = apply_penalties(logits, SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), [0, 1], [3, 3, 2])
+    assert torch.allclose(got, torch.tensor([2.0, -1.0, 0.5 - 0.75, 3.0 - 1.25, 1.0]))
+    # Repetition: positive logits divided, negative multiplied, for the last REPEAT_WINDOW tokens
+    got = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), [1, 4], [0, 0])
+    assert torch.allclose(got, torch.tensor([1.0, -2.0, 0.5, 3.0, 0.5]))
+    assert torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0]))  # the caller's logits are left alone
+    far = [4] + [0] * REPEAT_WINDOW  # token 4 is outside the window
+    got = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), far[:10], far[10:])
+    assert got[4] == 1.0 and got[0] == 1.0
+
+
+def test_penalties_break_a_greedy_loop(engine):
+    """The default model at temperature 0 loops on this prompt ("Abe a sea of dreams, / The
+    ocean's a place of endless wonder," over and over); either penalty breaks the loop (the share
+    of distinct 4-grams among 64 tokens)."""
+    prompt = [{"role": "user", "content": "Write a poem about the sea."}]
+
+    def distinct_4grams(**kw):
+        list(engine.generate(prompt, max_tokens=64, ignore_eos=True, **kw))
+        ids = engine.last_sequence.output_ids
+        return len({tuple(ids[i:i + 4]) for i in range(len(ids) - 3)}) / (len(ids) - 3)
+
+    plain = distinct_4grams()
+    assert plain < 0.6  # the loop this test is about (0.52 measured)
+    assert distinct_4grams(repetition_penalty=1.1) > 0.9  # 1.0 measured
+    assert distinct_4grams(frequency_penalty=0.5) > plain + 0.1  # 0.70 measured
