@@ -58,6 +58,9 @@ def test_anonymous_socket_gets_an_error_frame_and_is_closed(inference_worker):
         await communicator.connect()
         frame = json.loads(await communicator.receive_from())
         closed = await communicator.receive_output()
+        # Let the consumer finish before the loop closes (left to asyncio.run's cancel-all, the
+        # suite hung here once, in the loop's shutdown).
+        await communicator.disconnect()
         return frame, closed
 
     frame, closed = run(scenario())
