@@ -48,7 +48,7 @@ class Options:
     stop: tuple = ()
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = field(default_factory=lambda: settings.R3MES_REPETITION_PENALTY)
 
     def validate(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
