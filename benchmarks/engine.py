@@ -7,8 +7,10 @@ process (each a copy of the same loaded weights) and report decode and 512-token
 quality against float32 (greedy agreement and mean KL, teacher-forced on float32's continuation of
 fixed prompts), a 3-adapter DoRA mixture and 8 concurrent sequences with 8 different mixtures.
 A mode suffixed "+compiled" (int4+compiled) also builds the torch.compile'd single-sequence decode
-graph (Engine.compile_decode, what the worker serves with): its single-stream decode and its
-"mixture ÷ no adapter" use that graph for the adapter-free runs (mixtures and batches stay eager).
+graph (Engine.compile_decode, what the worker serves with): its single-stream decode and both
+sides of its "mixture ÷ no adapter" run in the graphs (the mixture's ranks sum to 24, the graphs'
+width); batches of several sequences stay eager. `compile_s` is that compile (Inductor's on-disk
+cache, usually /tmp/torchinductor_$USER, makes a second run faster).
 
     python benchmarks/engine.py                      # 2 threads, 64 new tokens
     python benchmarks/engine.py --tokens 128 --json benchmarks/out/engine.json

@@ -1,11 +1,12 @@
 """Cost of a 3-adapter DoRA mixture on single-stream decode, int4 serving mode, one process.
 
-Alternates three configurations five times and compares medians (this machine is shared; runs
-far apart in time are not comparable): no adapter, the mixture through the fused q|k|v and gate|up
-products with grouped low-rank paths (what serves), and the mixture with the fused products
-switched off (each projection its own backbone product and low-rank path).
+Alternates the configurations five times and compares medians (this machine is shared; runs far
+apart in time are not comparable): no adapter and the mixture through the compiled decode graphs
+(Engine.compile_decode, what the worker serves with), then eagerly: no adapter, the mixture through
+the fused q|k|v and gate|up products with grouped low-rank paths, and the mixture with the fused
+products switched off (each projection its own backbone product and low-rank path).
 
-    python benchmarks/engine_mixture.py
+    python benchmarks/engine_mixture.py            # --no-compile: the eager rows only
 """
 import statistics
 import sys
@@ -22,7 +23,14 @@ from engine import add_random_adapters  # noqa: E402
 from inference.engine import Engine  # noqa: E402
 
 eng = Engine.load(cache_dir=str(ROOT / "var/models"), quant="int4")
-add_random_adapters(eng)  # three random r=8 DoRA adapters on all seven projections of every layer
+add_random_adapters(eng)
+batch = eng.new_batch(max_batch=1, max_seq_len=256)
+graph = None
+if "--no-compile" not in sys.argv:
+    started = time.perf_counter()
+    assert eng.compile_decode(), "compile_decode failed (see the log)"
+    graph = eng.model.compiled_decode
+    print(f"compile_decode: {time.perf_counter() - started:.1f} s", flush=True)  # three random r=8 DoRA adapters on all seven projections of every layer
 layers = eng.model.model.layers
 fused = [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in layers]
 MIX = {"a": 0.5, "b": 0.3, "c": 0.2}
@@ -33,10 +41,10 @@ def set_fused(on: bool) -> None:
         layer.self_attn.qkv_proj, layer.mlp.gate_up_proj = (qkv, gate_up) if on else (None, None)
 
 
-def decode_tok_s(adapters) -> float:
+def decode_tok_s(adapters, compiled=False) -> float:
+    eng.model.compiled_decode = graph if compiled else None
     seq = eng.sequence("Explain in detail how a steam engine works, step by step.", max_tokens=48,
                        ignore_eos=True, adapters=adapters)
-    batch = eng.new_batch(max_batch=1, max_seq_len=256)
     batch.add(seq)
     batch.step()  # prefill
     t = time.perf_counter()
@@ -46,13 +54,18 @@ def decode_tok_s(adapters) -> float:
 
 
 res = {"no adapter": [], "mixture, fused + grouped": [], "mixture, per projection": []}
+if graph is not None:
+    res = {"compiled, no adapter": [], "compiled, mixture": [], **res}
 for _ in range(5):
     set_fused(True)
+    if graph is not None:
+        res["compiled, no adapter"].append(decode_tok_s(None, compiled=True))
+        res["compiled, mixture"].append(decode_tok_s(MIX, compiled=True))
     res["no adapter"].append(decode_tok_s(None))
     res["mixture, fused + grouped"].append(decode_tok_s(MIX))
     set_fused(False)
     res["mixture, per projection"].append(decode_tok_s(MIX))
-base = statistics.median(res["no adapter"])
 for name, runs in res.items():
-    print(f"{name:26} median {statistics.median(runs):6.1f} tok/s  ÷ no adapter {statistics.median(runs) / base:.2f}",
-          [round(x) for x in runs])
+    base = statistics.median(res["compiled, no adapter" if name.startswith("compiled") else "no adapter"])
+    print(f"{name:26} median {statistics.median(runs):6.1f} tok/s  ÷ no adapter (same path) "
+          f"{statistics.median(runs) / base:.2f}", [round(x) for x in runs])

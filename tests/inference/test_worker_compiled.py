@@ -25,6 +25,7 @@ def compiled_worker(settings, fresh_channel_layers):
 
 def test_worker_compiles_the_decode_step_and_warms_the_router_before_it_serves(compiled_worker):
     assert compiled_worker.ready["compiled_decode"] is True
+    assert compiled_worker.ready["compiled_mixture_rank"] == 24  # expert mixtures take the graph too
     log = Path(compiled_worker.log_path).read_text()
     assert "decode graph compiled" in log and "router ready" in log  # both before the model counts as loaded
 
