@@ -110,6 +110,7 @@ class DoraLinear(nn.Module):
         self.context = context
         self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
         self.mix_plan = None  # (key, plan) for the context's current mixture (see mixture_plan)
+        self._g: dict[str, tuple] = {}  # adapter -> (versions of its A, B, m, g = m / ||W0 + s B A||)
 
     # -- adapter bookkeeping -------------------------------------------------------------------
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, scaling: float) -> None:
@@ -118,18 +119,34 @@ class DoraLinear(nn.Module):
         self.lora_B[name] = nn.Parameter(B.to(dtype), requires_grad=False)
         self.lora_magnitude_vector[name] = nn.Parameter(m.to(dtype), requires_grad=False)
         self.scaling[name] = scaling
+        self._g.pop(name, None)
 
     def remove(self, name: str) -> None:
         for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
             if name in d:
                 del d[name]
         self.scaling.pop(name, None)
+        self._g.pop(name, None)
 
     def weight_norm(self, name: str) -> torch.Tensor:
         """||W0 + s B A|| per output row (PEFT's get_weight_norm), in float32."""
         W0 = dense_weight(self.base_layer).float()
         delta = self.lora_B[name].float() @ self.lora_A[name].float()  # [out, in]
         return torch.linalg.norm(W0 + self.scaling[name] * delta, dim=1)
+
+    def magnitude_scale(self, name: str) -> torch.Tensor | float:
+        """g = m / ||W0 + s B A|| of one adapter, kept until its factors change (training updates
+        them in place, which bumps their version counters): the norm needs the dense backbone
+        weight, which for int4 means dequantising it (~6 ms a projection), and every rebuild (each
+        adapter load) needs g for every resident adapter."""
+        A, B, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
+        key = (A._version, B._version, m._version, self.scaling[name])
+        cached = self._g.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        g = m / self.weight_norm(name) if m is not None and m.numel() else 1.0
+        self._g[name] = (key, g)
+        return g
 
     @torch.no_grad()
     def rebuild(self) -> None:
@@ -156,8 +173,7 @@ class DoraLinear(nn.Module):
             if n not in self.lora_A:
                 continue
             r = self.lora_A[n].shape[0]
-            m = self.lora_magnitude_vector[n]
-            g[i] = m / self.weight_norm(n) if m is not None and m.numel() else 1.0
+            g[i] = self.magnitude_scale(n)
             A[i, :r] = self.lora_A[n]
             B[i, :, :r] = self.lora_B[n] * (g[i] * self.scaling[n])[:, None]
         self.stack_A, self.stack_B, self.stack_g = A.to(dtype), B.to(dtype), g.to(dtype)

@@ -227,6 +227,30 @@ def test_unload_adapter_restores_base_logits(tiny_engine, two_adapters):
         tiny_engine.unload_adapter("a")
 
 
+def test_loading_an_adapter_keeps_the_other_adapters_magnitude_scales_until_their_factors_change(
+        tiny_engine, two_adapters):
+    """g = m / ||W0 + s B A|| needs the dense backbone weight (a dequantisation for int4): each load
+    computes it for the new adapter only; an in-place change of an adapter's factors (what training
+    does) computes it again."""
+    from inference.engine.dora import dora_modules
+
+    tiny_engine.load_adapter("a", two_adapters[0])
+    try:
+        module = dora_modules(tiny_engine.model)["model.layers.0.self_attn.q_proj"]
+        g = module.magnitude_scale("a")
+        tiny_engine.load_adapter("b", two_adapters[1])
+        assert module.magnitude_scale("a") is g  # not recomputed by b's load
+        with torch.no_grad():
+            module.lora_B["a"].mul_(3)
+        fresh = module.magnitude_scale("a")
+        assert fresh is not g
+        assert torch.allclose(fresh, module.lora_magnitude_vector["a"] / module.weight_norm("a"))
+        assert not torch.allclose(fresh, g)
+    finally:
+        for name in list(tiny_engine.adapters):
+            tiny_engine.unload_adapter(name)
+
+
 def test_bad_mixtures_raise_typed_errors(tiny_engine, two_adapters):
     tiny_engine.load_adapter("a", two_adapters[0])
     with pytest.raises(UnknownAdapter, match="'nope'"):
