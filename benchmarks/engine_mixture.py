@@ -23,14 +23,14 @@ from engine import add_random_adapters  # noqa: E402
 from inference.engine import Engine  # noqa: E402
 
 eng = Engine.load(cache_dir=str(ROOT / "var/models"), quant="int4")
-add_random_adapters(eng)
+add_random_adapters(eng)  # three random r=8 DoRA adapters on all seven projections of every layer
 batch = eng.new_batch(max_batch=1, max_seq_len=256)
 graph = None
 if "--no-compile" not in sys.argv:
     started = time.perf_counter()
     assert eng.compile_decode(), "compile_decode failed (see the log)"
     graph = eng.model.compiled_decode
-    print(f"compile_decode: {time.perf_counter() - started:.1f} s", flush=True)  # three random r=8 DoRA adapters on all seven projections of every layer
+    print(f"compile_decode: {time.perf_counter() - started:.1f} s", flush=True)
 layers = eng.model.model.layers
 fused = [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in layers]
 MIX = {"a": 0.5, "b": 0.3, "c": 0.2}

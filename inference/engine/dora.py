@@ -337,13 +337,14 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
             return cached[1]
         w = ctx.weights[0].to(dtype)
         g_rest = ctx.rest[0].to(dtype)  # [1]
+    device = model.model.embed_tokens.weight.device
     out = []
     for owner, names in DECODE_GROUPS:
         groups = [[getattr(getattr(layer, owner), n) for n in names] for layer in layers]
         first = groups[0]
-        A = torch.zeros(len(layers), len(names) * width, first[0].in_features, dtype=dtype)
-        Bs = [torch.zeros(len(layers), width, m.out_features, dtype=dtype) for m in first]
-        g = torch.ones(len(layers), 1, sum(m.out_features for m in first), dtype=dtype)
+        A = torch.zeros(len(layers), len(names) * width, first[0].in_features, dtype=dtype, device=device)
+        Bs = [torch.zeros(len(layers), width, m.out_features, dtype=dtype, device=device) for m in first]
+        g = torch.ones(len(layers), 1, sum(m.out_features for m in first), dtype=dtype, device=device)
         for li, group in enumerate(groups):
             col = 0
             for pi, m in enumerate(group):
@@ -353,10 +354,9 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
                     g[li, 0, col:col + m.out_features] = g_rest + w @ m.stack_g[active]
                     r0 = 0
                     for j, i in enumerate(active):
-                        lora_A = m.lora_A[ctx.names[i]] if ctx.names[i] in m.lora_A else None
-                        if lora_A is None:
+                        if ctx.names[i] not in m.lora_A:
                             continue  # not a target of this adapter: g = 1, B = 0
-                        r = lora_A.shape[0]
+                        r = m.lora_A[ctx.names[i]].shape[0]
                         if r0 + r > width:
                             return None
                         A[li, pi * width + r0:pi * width + r0 + r] = m.stack_A[i, :r]

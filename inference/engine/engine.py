@@ -229,8 +229,13 @@ class Engine:
         compiled = torch.compile(model.decode_one, dynamic=True, fullgraph=True)
         started = time.monotonic()
         lowranks = [None]
+        zeros = None
         if mixture_rank > 0:
             zeros = dora.decode_lowrank(model, mixture_rank, model.model.embed_tokens.weight.dtype, zeros=True)
+            if zeros is None:  # e.g. biased projections (Qwen-style): their mixtures combine per projection
+                log.info("compile_decode: this model's mixtures cannot enter the graph; they decode eagerly")
+                mixture_rank = 0
+        if zeros is not None:
             # One fixed shape: the mixture tensors are static in the graph (exact-size guards, no
             # symbols), so any mixture that fits takes the same graph.
             for t in (t for group in zeros for t in (group[0], *group[1], group[2])):
@@ -311,7 +316,8 @@ class Engine:
             # the Triton kernels (W2A8 ternary matmul, fused DoRA mixtures) run: CUDA + the optional extra
             "triton_kernels": self.device.type == "cuda" and triton_kernels.available(),
             "threads": torch.get_num_threads(),
-            # a lone sequence without adapters decodes through the torch.compile'd graph
+            # a lone sequence decodes through the torch.compile'd graphs, with a mixture whose
+            # ranks sum to at most compiled_mixture_rank too
             "compiled_decode": self.model.compiled_decode is not None,
             "compiled_mixture_rank": self.model.compiled_mixture_rank if self.model.compiled_decode is not None else 0,
             "memory": memory,

@@ -123,7 +123,8 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots
                 if ctx.weights is not None:  # the sequence really uses an adapter
                     eager = model.compiled_mixture_rank == 0
                     if not eager:
-                        lowrank = decode_lowrank(model, model.compiled_mixture_rank, model.model.embed_tokens.weight.dtype)
+                        dtype = model.model.embed_tokens.weight.dtype
+                        lowrank = decode_lowrank(model, model.compiled_mixture_rank, dtype)
                         eager = lowrank is None
             finally:
                 ctx.set_mixture(None)
@@ -287,14 +288,16 @@ class Batch:
             mix = self.mixture_matrix([seq])
             tokens = torch.tensor(seq.prompt_ids, device=self.device)
             logits = prefill(self.model, tokens, seq.slot, None if mix is None else mix[0])
-            out.append(self._accept(seq, sample(logits.float().cpu(), seq.params, seq.generator, seq.prompt_ids, seq.output_ids)))
+            token = sample(logits.float().cpu(), seq.params, seq.generator, seq.prompt_ids, seq.output_ids)
+            out.append(self._accept(seq, token))
         if decoding:
             last = torch.tensor([s.output_ids[-1] for s in decoding], device=self.device)  # [B]
             pos = torch.tensor([len(s.prompt_ids) + len(s.output_ids) - 1 for s in decoding], device=self.device)
             slots = torch.tensor([s.slot for s in decoding], device=self.device)
             logits = decode_one_token(self.model, last, pos, slots, self.mixture_matrix(decoding)).float().cpu()
             for i, seq in enumerate(decoding):
-                out.append(self._accept(seq, sample(logits[i], seq.params, seq.generator, seq.prompt_ids, seq.output_ids)))
+                token = sample(logits[i], seq.params, seq.generator, seq.prompt_ids, seq.output_ids)
+                out.append(self._accept(seq, token))
         for o in out:
             if o.finished and o.seq in self.running:
                 self._release(o.seq)

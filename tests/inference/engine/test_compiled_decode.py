@@ -208,6 +208,26 @@ def test_compile_failure_leaves_the_engine_decoding_eagerly(compiled_engines):
     assert len(list(engine.generate("hi", max_tokens=3, ignore_eos=True))) >= 1
 
 
+def test_a_model_with_biased_projections_compiles_without_mixture_graphs(tmp_path):
+    """Qwen-style attention biases: mixtures combine per projection (eager); the adapter-free
+    graphs still build, and adapters still apply (the worker must not fail to load)."""
+    from .conftest import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path / "biased", attention_bias=True)
+    engine = Engine.load(path)
+    engine.new_batch(max_batch=3, max_seq_len=64)
+    assert engine.compile_decode(mixture_rank=24) is True
+    assert engine.capabilities()["compiled_mixture_rank"] == 0
+    graph = engine.model.compiled_decode
+    make_peft_adapter(path, tmp_path / "ad", targets=("q_proj", "v_proj", "down_proj"))
+    engine.load_adapter("ad", tmp_path / "ad")
+    for mixtures, graph_steps in (([None, None, None], 4), ([{"ad": 1.0}, None, None], 0)):
+        spy = CountCalls(graph)
+        got = decode(engine, PROMPTS, (9, 3, 5), mixtures=mixtures, compiled=spy)
+        assert spy.calls == graph_steps
+        assert got == decode(engine, PROMPTS, (9, 3, 5), mixtures=mixtures, compiled=None)
+
+
 def test_compile_decode_needs_the_serving_kv_cache(tiny_llama_dir):
     from inference.engine import EngineError
 
