@@ -303,6 +303,9 @@ def apply_mixture(plan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # (module of the layer, projections sharing one input and one fused backbone product).
 DECODE_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
                  ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+# The compiled step's B factors come in blocks of this many output columns (one AVX-512 vector of
+# float32): [out / LOWRANK_BLOCK, width, LOWRANK_BLOCK].
+LOWRANK_BLOCK = 16
 
 
 @torch.inference_mode()  # as the decode step runs (the graph guards on the tensors' dispatch keys)
@@ -313,19 +316,25 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
     - `A` [L, P*width, in]: each projection's active A factors stacked, their ranks summed
       and padded with zeros to `width` (so every mixture whose total rank fits is one shape, one
       graph: three r=8 experts, one r=24, ...);
-    - one `Bg` [L, width, out] per projection: B scaled by g_i * s_i (rebuild) and by the mixture
-      weight w_i, zero rows for the padding;
-    - `g` [L, 1, sum out]: g_mix = 1 - sum w_i + sum_i w_i g_i.
+    - one `Bg` [L, out/16, width, 16] per projection: B scaled by g_i * s_i (rebuild) and by the
+      mixture weight w_i, zero rows for the padding, in blocks of 16 output columns so that the
+      expand reads each factor as one sequential stream (a [width, out] layout is `width` short
+      strided streams, which the prefetchers barely follow: the factors come from DRAM on every
+      token, the int4 backbone streaming through the caches between two uses);
+    - `g` [L, 1, sum out]: g_mix = 1 - sum w_i + sum_i w_i g_i, in the model's float dtype.
 
-    The same function as mixture_plan + apply_mixture, laid out for a graph (add_lowrank).
-    `zeros`: the shapes only (all-zero factors, g = 1), for the compile warm-up. None when this
-    mixture cannot take that form: a rank sum over `width`, a bias, a projection that is not
-    wrapped, a layer without fused q|k|v and gate|up products, several sequences. Built once per
-    mixture (cached on the context); a new request's mixture costs a few milliseconds."""
+    `dtype` is the factors' (Engine.compile_decode: bfloat16 in the quantised modes, where it
+    halves the bytes read per token; they are accumulated in float32). The same function as
+    mixture_plan + apply_mixture, laid out for a graph (add_lowrank). `zeros`: the shapes only
+    (all-zero factors, g = 1), for the compile warm-up. None when this mixture cannot take that
+    form: a rank sum over `width`, a bias, a projection that is not wrapped or whose outputs are
+    not whole blocks, a layer without fused q|k|v and gate|up products, several sequences. Built
+    once per mixture (cached on the context); a new request's mixture costs a few milliseconds."""
     ctx = model.adapter_context
     layers = model.model.layers
     if ctx is None or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in layers):
         return None
+    exact = model.model.embed_tokens.weight.dtype  # g and the mixture weights
     if not zeros:
         if ctx.weights is None or ctx.weights.shape[0] != 1:
             return None
@@ -335,16 +344,20 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
         cached = ctx.decode_lowrank
         if cached is not None and cached[0] == key:
             return cached[1]
-        w = ctx.weights[0].to(dtype)
-        g_rest = ctx.rest[0].to(dtype)  # [1]
+        w = ctx.weights[0].to(exact)
+        g_rest = ctx.rest[0].to(exact)  # [1]
     device = model.model.embed_tokens.weight.device
+    block = LOWRANK_BLOCK
     out = []
     for owner, names in DECODE_GROUPS:
         groups = [[getattr(getattr(layer, owner), n) for n in names] for layer in layers]
         first = groups[0]
+        if any(m.out_features % block for m in first):
+            return None
         A = torch.zeros(len(layers), len(names) * width, first[0].in_features, dtype=dtype, device=device)
-        Bs = [torch.zeros(len(layers), width, m.out_features, dtype=dtype, device=device) for m in first]
-        g = torch.ones(len(layers), 1, sum(m.out_features for m in first), dtype=dtype, device=device)
+        Bs = [torch.zeros(len(layers), m.out_features // block, width, block, dtype=dtype, device=device)
+              for m in first]
+        g = torch.ones(len(layers), 1, sum(m.out_features for m in first), dtype=exact, device=device)
         for li, group in enumerate(groups):
             col = 0
             for pi, m in enumerate(group):
@@ -360,7 +373,8 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
                         if r0 + r > width:
                             return None
                         A[li, pi * width + r0:pi * width + r0 + r] = m.stack_A[i, :r]
-                        Bs[pi][li, r0:r0 + r] = m.stack_B[i, :, :r].t() * w[j]
+                        Bg = m.stack_B[i, :, :r] * w[j]  # [out, r]
+                        Bs[pi][li, :, r0:r0 + r] = Bg.view(-1, block, r).transpose(1, 2)
                         r0 += r
                 col += m.out_features
         out.append((A, tuple(Bs), g))
@@ -372,11 +386,12 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
 
 def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bs, g: torch.Tensor) -> torch.Tensor:
     """One layer's group of decode_lowrank inside the compiled decode step: x [1, 1, in], the fused
-    backbone output y [1, 1, out] -> g_mix * y + the weighted low-rank paths. Written as products
-    and sums, not matmuls: Inductor turns them into a few vectorised loops inside its own kernel
-    (a matmul would be an external call, ~9 us each for these 1-row products, 330 per token)."""
-    h = (x.reshape(1, x.shape[-1]) * A).sum(-1)  # A [P*width, in] -> h [P*width]
-    delta = torch.cat([(hp[:, None] * B).sum(0) for hp, B in zip(h.chunk(len(Bs)), Bs)])  # [out]
+    backbone output y [1, 1, out] -> g_mix * y + the weighted low-rank paths, in float32. Written as
+    products and sums, not matmuls: Inductor turns them into a few vectorised loops inside its own
+    kernel (a matmul would be an external call, ~9 us each for these 1-row products, 330 per token)."""
+    h = (x.reshape(1, x.shape[-1]) * A.float()).sum(-1)  # A [P*width, in] -> h [P*width]
+    # B [out/16, width, 16]: h [width] -> [out]
+    delta = torch.cat([(hp[None, :, None] * B.float()).sum(1).reshape(-1) for hp, B in zip(h.chunk(len(Bs)), Bs)])
     return y * g + delta
 
 

@@ -1,5 +1,6 @@
 """The engine's public face: load a model, tokenize, score, generate, manage DoRA adapters."""
 
+import contextlib
 import logging
 import os
 import threading
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch._inductor import config as inductor_config
 
 from . import dora, triton_kernels
 from .errors import AdapterError, ContextLengthExceeded, EngineError
@@ -15,10 +17,17 @@ from .generate import Batch, SamplingParams, Sequence, generate
 from .loaders import load_model, prepare_default_model
 from .model import Transformer
 from .bitlinear import BitLinear
-from .speed import QUANT_MODES, optimize_model
+from .speed import QUANT_MODES, optimize_model, quantised
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Inductor options of the compiled decode step (Engine.compile_decode): a C++ wrapper calls the
+# kernels instead of Python, and no size/stride asserts around every external kernel (each a
+# Python call per layer per token); benchmarks/RESULTS.md, fifth session.
+COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+# Loops of fewer elements per thread than this run serially in the mixture graphs.
+SERIAL_LOOP_ELEMENTS = 1 << 22
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -226,12 +235,15 @@ class Engine:
         for path in dora.linear_paths(model):
             if path.rsplit(".", 1)[-1] in dora.DEFAULT_TARGETS:
                 dora.wrap_module(model, path)
-        compiled = torch.compile(model.decode_one, dynamic=True, fullgraph=True)
+        compiled = torch.compile(model.decode_one, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
         started = time.monotonic()
         lowranks = [None]
         zeros = None
+        # The quantised modes take their activations in bfloat16 already (the int4/int8 kernels):
+        # their low-rank factors too, which halves the bytes the mixture reads per token.
+        factor_dtype = torch.bfloat16 if quantised(model) else model.model.embed_tokens.weight.dtype
         if mixture_rank > 0:
-            zeros = dora.decode_lowrank(model, mixture_rank, model.model.embed_tokens.weight.dtype, zeros=True)
+            zeros = dora.decode_lowrank(model, mixture_rank, factor_dtype, zeros=True)
             if zeros is None:  # e.g. biased projections (Qwen-style): their mixtures combine per projection
                 log.info("compile_decode: this model's mixtures cannot enter the graph; they decode eagerly")
                 mixture_rank = 0
@@ -253,13 +265,19 @@ class Engine:
                 # (A context filled to its very last position would need one more graph: that one
                 # step runs eagerly, see generate.decode_one_token.)
                 for lowrank in lowranks:
-                    for slot in sorted({0, min(1, model.max_batch - 1)}):
-                        compiled(token, slot + 2, 2 + 2, lowrank)
+                    # The mixture's loops are small (a few hundred KB of factors each, read from
+                    # DRAM): run serially, as the rest of the step's own loops are, they skip an
+                    # OpenMP fork and barriers each (benchmarks/RESULTS.md, fifth session).
+                    serial = inductor_config.patch({"cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS})
+                    with serial if lowrank is not None else contextlib.nullcontext():
+                        for slot in sorted({0, min(1, model.max_batch - 1)}):
+                            compiled(token, slot + 2, 2 + 2, lowrank)
             except Exception as exc:  # Inductor needs a working C++ toolchain; eager still serves
                 log.warning("compile_decode failed, decoding eagerly: %s: %s", type(exc).__name__, exc)
                 return False
         model.compiled_decode = compiled
         model.compiled_mixture_rank = mixture_rank
+        model.compiled_mixture_dtype = factor_dtype
         log.info("decode graph compiled in %.1f s", time.monotonic() - started)
         return True
 

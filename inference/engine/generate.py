@@ -123,8 +123,7 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots
                 if ctx.weights is not None:  # the sequence really uses an adapter
                     eager = model.compiled_mixture_rank == 0
                     if not eager:
-                        dtype = model.model.embed_tokens.weight.dtype
-                        lowrank = decode_lowrank(model, model.compiled_mixture_rank, dtype)
+                        lowrank = decode_lowrank(model, model.compiled_mixture_rank, model.compiled_mixture_dtype)
                         eager = lowrank is None
             finally:
                 ctx.set_mixture(None)

@@ -276,6 +276,7 @@ class Transformer(nn.Module):
         self.cache_len = 0
         self.compiled_decode = None  # torch.compile'd decode_one, set by Engine.compile_decode()
         self.compiled_mixture_rank = 0  # the rank sum its mixture graphs take (0: none)
+        self.compiled_mixture_dtype = torch.float32  # their low-rank factors' dtype
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         """Allocate KV buffers for `max_batch` slots of `max_seq_len` tokens (gpt-fast style)."""

@@ -200,6 +200,11 @@ def optimize_model(model: nn.Module, quant: str | None = None, fuse: bool = True
     return model
 
 
+def quantised(model: nn.Module) -> bool:
+    """Whether optimize_model gave this model int8 or int4 weight-only products."""
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+
+
 def linear_weight_bits(model: nn.Module) -> float:
     """Resident bits per weight over the decoder projections (BitNet check: <= 2.1 for packed)."""
     bits = weights = 0
