@@ -7,6 +7,10 @@ the fused q|k|v and gate|up products with grouped low-rank paths, and the mixtur
 products switched off (each projection its own backbone product and low-rank path).
 
     python benchmarks/engine_mixture.py            # --no-compile: the eager rows only
+
+Ablations of the compiled step's settings (Engine.compile_decode): --python-wrapper (Inductor's
+Python wrapper instead of its C++ one), --parallel-mixture-loops (Inductor's default OpenMP
+parallel loops in the mixture graphs instead of serial ones).
 """
 import statistics
 import sys
@@ -21,6 +25,14 @@ torch.set_num_threads(2)
 from engine import add_random_adapters  # noqa: E402
 
 from inference.engine import Engine  # noqa: E402
+from inference.engine import engine as engine_module  # noqa: E402
+
+if "--python-wrapper" in sys.argv:
+    engine_module.COMPILE_OPTIONS = {**engine_module.COMPILE_OPTIONS, "cpp_wrapper": False}
+if "--parallel-mixture-loops" in sys.argv:
+    import torch._inductor.config as inductor_config
+
+    engine_module.SERIAL_LOOP_ELEMENTS = inductor_config.cpp.min_chunk_size
 
 eng = Engine.load(cache_dir=str(ROOT / "var/models"), quant="int4")
 add_random_adapters(eng)  # three random r=8 DoRA adapters on all seven projections of every layer
