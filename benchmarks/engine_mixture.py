@@ -8,6 +8,9 @@ products switched off (each projection its own backbone product and low-rank pat
 
     python benchmarks/engine_mixture.py            # --no-compile: the eager rows only
 
+--rounds N (default 5) alternations; --compiled-only skips the eager rows (more rounds in the same
+time: the machine is shared, and the compiled ratio needs many pairs to settle).
+
 Ablations of the compiled step's settings (Engine.compile_decode): --python-wrapper (Inductor's
 Python wrapper instead of its C++ one), --parallel-mixture-loops (Inductor's default OpenMP
 parallel loops in the mixture graphs instead of serial ones).
@@ -65,14 +68,20 @@ def decode_tok_s(adapters, compiled=False) -> float:
     return (len(seq.output_ids) - 1) / (time.perf_counter() - t)
 
 
-res = {"no adapter": [], "mixture, fused + grouped": [], "mixture, per projection": []}
+rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 5
+eager = graph is None or "--compiled-only" not in sys.argv
+res = {"no adapter": [], "mixture, fused + grouped": [], "mixture, per projection": []} if eager else {}
 if graph is not None:
     res = {"compiled, no adapter": [], "compiled, mixture": [], **res}
-for _ in range(5):
+for i in range(rounds):
     set_fused(True)
     if graph is not None:
-        res["compiled, no adapter"].append(decode_tok_s(None, compiled=True))
-        res["compiled, mixture"].append(decode_tok_s(MIX, compiled=True))
+        order = (None, MIX) if i % 2 == 0 else (MIX, None)  # neither always runs first
+        for adapters in order:
+            key = "compiled, no adapter" if adapters is None else "compiled, mixture"
+            res[key].append(decode_tok_s(adapters, compiled=True))
+    if not eager:
+        continue
     res["no adapter"].append(decode_tok_s(None))
     res["mixture, fused + grouped"].append(decode_tok_s(MIX))
     set_fused(False)
@@ -81,3 +90,8 @@ for name, runs in res.items():
     base = statistics.median(res["compiled, no adapter" if name.startswith("compiled") else "no adapter"])
     print(f"{name:26} median {statistics.median(runs):6.1f} tok/s  ÷ no adapter (same path) "
           f"{statistics.median(runs) / base:.2f}", [round(x) for x in runs])
+if graph is not None:
+    pairs = sorted(m / n for n, m in zip(res["compiled, no adapter"], res["compiled, mixture"]))
+    q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
+    print(f"compiled mixture ÷ no adapter, round by round: median {statistics.median(pairs):.3f}, "
+          f"quartiles {q[0]:.3f}–{q[2]:.3f}, {len(pairs)} rounds")
