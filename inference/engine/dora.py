@@ -318,9 +318,9 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
       graph: three r=8 experts, one r=24, ...);
     - one `Bg` [L, out/16, width, 16] per projection: B scaled by g_i * s_i (rebuild) and by the
       mixture weight w_i, zero rows for the padding, in blocks of 16 output columns so that the
-      expand reads each factor as one sequential stream (a [width, out] layout is `width` short
-      strided streams, which the prefetchers barely follow: the factors come from DRAM on every
-      token, the int4 backbone streaming through the caches between two uses);
+      expand reads each factor as one sequential stream: the factors come from DRAM on every
+      token (the int4 backbone streams through the caches between two uses), and a [width, out]
+      layout, `width` short strided streams, decoded 2-6 % slower (benchmarks/RESULTS.md);
     - `g` [L, 1, sum out]: g_mix = 1 - sum w_i + sum_i w_i g_i, in the model's float dtype.
 
     `dtype` is the factors' (Engine.compile_decode: bfloat16 in the quantised modes, where it

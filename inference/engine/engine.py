@@ -218,7 +218,8 @@ class Engine:
         two more take any adapter mixture whose ranks sum to at most `mixture_rank` per projection
         (24: three r=8 experts, the router's most), passed in as tensors of one fixed shape
         (dora.decode_lowrank); wider mixtures, batches of several sequences and live training run
-        the eager forward. Should a call still need a recompile, it runs eagerly instead of
+        the eager forward; in the quantised modes the mixture's factors are bfloat16 (accumulated
+        in float32, g in float32). Should a call still need a recompile, it runs eagerly instead of
         stalling a request (generate.decode_one_token). The seven projections of every layer are
         wrapped for DoRA now, so loading adapters later does not change what the graph was built
         on. The first compile takes minutes on two cores; Inductor caches it on disk
