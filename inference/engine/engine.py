@@ -269,8 +269,8 @@ class Engine:
                     # The mixture's loops are small (a few hundred KB of factors each, read from
                     # DRAM): run serially, as the rest of the step's own loops are, they skip an
                     # OpenMP fork and barriers each (benchmarks/RESULTS.md, fifth session).
-                    serial = inductor_config.patch({"cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS})
-                    with serial if lowrank is not None else contextlib.nullcontext():
+                    with (inductor_config.patch({"cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS}) if lowrank is not None
+                          else contextlib.nullcontext()):
                         for slot in sorted({0, min(1, model.max_batch - 1)}):
                             compiled(token, slot + 2, 2 + 2, lowrank)
             except Exception as exc:  # Inductor needs a working C++ toolchain; eager still serves

@@ -1,6 +1,8 @@
 """The compiled decode step (Engine.compile_decode: torch.compile + Inductor, real C++ kernels built
 here) against the eager forward on tiny random checkpoints."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -27,6 +29,31 @@ class CountCalls:
     def __call__(self, *args):
         self.calls += 1
         return self.fn(*args)
+
+
+@contextlib.contextmanager
+def two_adapters(engine, path, tmp_path):
+    """Adapters "a" (r=3) and "b" (r=5) on different targets, loaded for the block."""
+    make_peft_adapter(path, tmp_path / "a", seed=3, r=3, targets=("q_proj", "o_proj", "up_proj", "down_proj"))
+    make_peft_adapter(path, tmp_path / "b", seed=4, r=5, targets=("k_proj", "v_proj", "gate_proj"))
+    engine.load_adapter("a", tmp_path / "a")
+    engine.load_adapter("b", tmp_path / "b")
+    try:
+        yield
+    finally:
+        engine.unload_adapter("a")
+        engine.unload_adapter("b")
+
+
+def graph_lowrank(model, mixture):
+    """The mixture as the compiled graph takes it (what generate.decode_one_token passes)."""
+    from inference.engine.dora import decode_lowrank
+
+    model.adapter_context.set_mixture(mixture)
+    try:
+        return decode_lowrank(model, model.compiled_mixture_rank, model.compiled_mixture_dtype)
+    finally:
+        model.adapter_context.set_mixture(None)
 
 
 def decode(engine, prompts, max_tokens, mixtures=None, compiled=None):
@@ -95,26 +122,17 @@ def test_a_sequence_filling_the_context_keeps_to_the_graph_it_has(compiled_engin
 def test_compiled_logits_match_the_eager_forward_with_and_without_mixtures(compiled_engines, tmp_path):
     """The graph called directly (no eager fallback can hide a recompile) with mixtures of
     adapters of different ranks and targets, in slots 0 and 2."""
-    from inference.engine.dora import decode_lowrank
-
     path, engines = compiled_engines
     engine, graph = engines[None]
     model = engine.model
     ids = IDS[:9]
-    make_peft_adapter(path, tmp_path / "a", seed=3, r=3, targets=("q_proj", "o_proj", "up_proj", "down_proj"))
-    make_peft_adapter(path, tmp_path / "b", seed=4, r=5, targets=("k_proj", "v_proj", "gate_proj"))
-    engine.load_adapter("a", tmp_path / "a")
-    engine.load_adapter("b", tmp_path / "b")
-    before = graphs()
-    try:
+    with two_adapters(engine, path, tmp_path):
+        before = graphs()
         outputs = []
         for mixture in (None, torch.tensor([[1.0, 0.0]]), torch.tensor([[0.25, 0.75]])):
             with torch.inference_mode():
                 full = model(torch.tensor([ids]), mixture=mixture)[0]  # eager, no cache
-                model.adapter_context.set_mixture(mixture)
-                lowrank = None if mixture is None else decode_lowrank(model, model.compiled_mixture_rank,
-                                                                        model.compiled_mixture_dtype)
-                model.adapter_context.set_mixture(None)
+                lowrank = None if mixture is None else graph_lowrank(model, mixture)
                 for slot in (0, 2):
                     model(torch.tensor([ids[:5]]), input_pos=torch.arange(5)[None], slots=torch.tensor([slot]),
                           mixture=mixture)
@@ -124,9 +142,6 @@ def test_compiled_logits_match_the_eager_forward_with_and_without_mixtures(compi
             outputs.append(full)
         assert graphs() == before
         assert (outputs[0] - outputs[1]).abs().max() > 1e-2 and (outputs[1] - outputs[2]).abs().max() > 1e-2
-    finally:
-        engine.unload_adapter("a")
-        engine.unload_adapter("b")
 
 
 def test_int4_mixtures_enter_the_graph_as_bfloat16_factors_within_a_rounding_of_the_eager_logits(
@@ -134,40 +149,28 @@ def test_int4_mixtures_enter_the_graph_as_bfloat16_factors_within_a_rounding_of_
     """In the quantised modes the graph's low-rank factors are bfloat16 (accumulated in float32, g
     in float32): the logits stay within bfloat16 rounding of those of the eager float32 factors, a
     small fraction of the adapters' own effect, with the same greedy token."""
-    from inference.engine.dora import decode_lowrank
-
     path, engines = compiled_engines
     engine, graph = engines["int4"]
     model = engine.model
     assert model.compiled_mixture_dtype == torch.bfloat16
     ids = IDS[:9]
-    make_peft_adapter(path, tmp_path / "a", seed=3, r=3, targets=("q_proj", "o_proj", "up_proj", "down_proj"))
-    make_peft_adapter(path, tmp_path / "b", seed=4, r=5, targets=("k_proj", "v_proj", "gate_proj"))
-    engine.load_adapter("a", tmp_path / "a")
-    engine.load_adapter("b", tmp_path / "b")
-    before = graphs()
-    try:
-        with torch.inference_mode():
-            plain = model(torch.tensor([ids]))[0]
-            for mixture in (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.25, 0.75]])):
-                full = model(torch.tensor([ids]), mixture=mixture)[0]  # eager: float32 factors
-                model.adapter_context.set_mixture(mixture)
-                lowrank = decode_lowrank(model, model.compiled_mixture_rank, model.compiled_mixture_dtype)
-                model.adapter_context.set_mixture(None)
-                assert lowrank[0][0].dtype == torch.bfloat16 and lowrank[0][2].dtype == torch.float32
-                model(torch.tensor([ids[:5]]), input_pos=torch.arange(5)[None], slots=torch.tensor([0]), mixture=mixture)
-                for pos in range(5, 9):
-                    step = graph(torch.tensor([[ids[pos]]]), 2, pos + 1 + 2, lowrank)[0, -1]
-                    error = (step - full[pos]).abs().max().item()
-                    effect = (full[pos] - plain[pos]).abs().max().item()
-                    # the int4 kernels return bfloat16: two roundings of the largest logit
-                    assert error <= 2 * torch.finfo(torch.bfloat16).eps * full[pos].abs().max().item()
-                    assert error < effect / 10
-                    assert step.argmax() == full[pos].argmax()
+    with two_adapters(engine, path, tmp_path), torch.inference_mode():
+        before = graphs()
+        plain = model(torch.tensor([ids]))[0]
+        for mixture in (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.25, 0.75]])):
+            full = model(torch.tensor([ids]), mixture=mixture)[0]  # eager: float32 factors
+            lowrank = graph_lowrank(model, mixture)
+            assert lowrank[0][0].dtype == torch.bfloat16 and lowrank[0][2].dtype == torch.float32
+            model(torch.tensor([ids[:5]]), input_pos=torch.arange(5)[None], slots=torch.tensor([0]), mixture=mixture)
+            for pos in range(5, 9):
+                step = graph(torch.tensor([[ids[pos]]]), 2, pos + 1 + 2, lowrank)[0, -1]
+                error = (step - full[pos]).abs().max().item()
+                effect = (full[pos] - plain[pos]).abs().max().item()
+                # the int4 kernels return bfloat16: two roundings of the largest logit
+                assert error <= 2 * torch.finfo(torch.bfloat16).eps * full[pos].abs().max().item()
+                assert error < effect / 10
+                assert step.argmax() == full[pos].argmax()
         assert graphs() == before
-    finally:
-        engine.unload_adapter("a")
-        engine.unload_adapter("b")
 
 
 def test_adapters_loaded_after_compiling_decode_through_the_same_graphs(compiled_engines, tmp_path):
