@@ -30,6 +30,7 @@ class WorkerState:
         self.scheduler = None
         self.load_error = None
         self.loading = False
+        self.compiling = False
         self.started_at = time.time()
         self.draining = False
         self.lock = threading.Lock()
@@ -51,6 +52,7 @@ class WorkerState:
             "backend": caps.get("backend"),
             "device": caps.get("device"),
             "weights": caps.get("weights"),
+            "compiling": self.compiling,
             "compiled_decode": caps.get("compiled_decode", False),
             "compiled_mixture_rank": caps.get("compiled_mixture_rank", 0),
         }
@@ -96,23 +98,41 @@ def load_engine():
         pipeline = Pipeline(engine)
         scheduler = Scheduler(engine, pipeline)
         warm_router()
-        if settings.R3MES_COMPILE:
-            # Before serving: the warm-up writes KV slots. Inductor's on-disk cache lives with the
-            # data (a warm cache turns the first start's minute or two into seconds).
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.DATA_DIR / "cache" / "inductor"))
-            engine.compile_decode(settings.R3MES_COMPILE_MIXTURE_RANK)  # False (logged) leaves it eager
     except Exception as exc:  # the worker stays up and reports the reason through health pings
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model failed to load")
     else:
+        state.compiling = bool(settings.R3MES_COMPILE)  # so no health reply says loaded and not compiling
         state.engine = engine
         state.pipeline = pipeline
         state.scheduler = scheduler
         scheduler.start()
         state.load_error = None
         log.info("model loaded in %.1f s: %s", time.monotonic() - started, engine.capabilities())
+        if settings.R3MES_COMPILE:
+            start_compiling(engine)
     finally:
         state.loading = False
+
+
+def start_compiling(engine):
+    """Compile the decode step (Engine.compile_decode) while the scheduler already serves: requests
+    decode eagerly until the graphs are in, minutes on a cold Inductor cache, seconds on a warm one
+    (the cache lives with the data)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.DATA_DIR / "cache" / "inductor"))
+    state.compiling = True
+
+    def run():
+        try:
+            engine.compile_decode(settings.R3MES_COMPILE_MIXTURE_RANK)  # False (logged) leaves it eager
+        except Exception:  # serving goes on eagerly
+            log.exception("compiling the decode step failed")
+        finally:
+            state.compiling = False
+
+    thread = threading.Thread(target=run, name="decode-compiler", daemon=True)
+    thread.start()
+    return thread
 
 
 def warm_router():

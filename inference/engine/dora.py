@@ -309,7 +309,7 @@ LOWRANK_BLOCK = 16
 
 
 @torch.inference_mode()  # as the decode step runs (the graph guards on the tensors' dispatch keys)
-def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool = False):
+def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool = False, rows: int | None = None):
     """The adapter context's mixture of ONE sequence as the fixed-shape tensors that the compiled
     decode step takes (Engine.compile_decode): per group of DECODE_GROUPS, stacked over layers,
 
@@ -323,29 +323,33 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
       layout, `width` short strided streams, decoded 2-6 % slower (benchmarks/RESULTS.md);
     - `g` [L, 1, sum out]: g_mix = 1 - sum w_i + sum_i w_i g_i, in the model's float dtype.
 
+    `rows`: the mixtures of a BATCH of that many sequences instead (Transformer.decode_rows), the
+    factors of every adapter the batch uses once, unweighted, plus per row: `g` [L, B, 1, sum out]
+    and the weights `w` [L, B, P*width] of each rank column (the shrink is weighed per row).
+
     `dtype` is the factors' (Engine.compile_decode: bfloat16 in the quantised modes, where it
     halves the bytes read per token; they are accumulated in float32). The same function as
     mixture_plan + apply_mixture, laid out for a graph (add_lowrank). `zeros`: the shapes only
     (all-zero factors, g = 1), for the compile warm-up. None when this mixture cannot take that
     form: a rank sum over `width`, a bias, a projection that is not wrapped or whose outputs are
-    not whole blocks, a layer without fused q|k|v and gate|up products, several sequences. Built
-    once per mixture (cached on the context); a new request's mixture costs a few milliseconds."""
+    not whole blocks, a layer without fused q|k|v and gate|up products, a batch of another size.
+    Built once per mixture (cached on the context); a new mixture costs a few milliseconds."""
     ctx = model.adapter_context
     layers = model.model.layers
     if ctx is None or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in layers):
         return None
     exact = model.model.embed_tokens.weight.dtype  # g and the mixture weights
+    n_rows = 1 if rows is None else rows
     if not zeros:
-        if ctx.weights is None or ctx.weights.shape[0] != 1:
+        if ctx.weights is None or ctx.weights.shape[0] != n_rows:
             return None
         active = ctx.active.tolist()
-        weights = ctx.weights[0].tolist()
-        key = (ctx.version, width, dtype, tuple(active), tuple(weights))
+        key = (ctx.version, width, dtype, rows, tuple(active), tuple(map(tuple, ctx.weights.tolist())))
         cached = ctx.decode_lowrank
         if cached is not None and cached[0] == key:
             return cached[1]
-        w = ctx.weights[0].to(exact)
-        g_rest = ctx.rest[0].to(exact)  # [1]
+        w = ctx.weights.to(exact)  # [B, n]
+        g_rest = ctx.rest.to(exact)  # [B, 1]
     device = model.model.embed_tokens.weight.device
     block = LOWRANK_BLOCK
     out = []
@@ -357,41 +361,57 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
         A = torch.zeros(len(layers), len(names) * width, first[0].in_features, dtype=dtype, device=device)
         Bs = [torch.zeros(len(layers), m.out_features // block, width, block, dtype=dtype, device=device)
               for m in first]
-        g = torch.ones(len(layers), 1, sum(m.out_features for m in first), dtype=exact, device=device)
+        g = torch.ones(len(layers), n_rows, 1, sum(m.out_features for m in first), dtype=exact, device=device)
+        w_cols = torch.zeros(len(layers), n_rows, len(names) * width, dtype=exact, device=device)
         for li, group in enumerate(groups):
             col = 0
             for pi, m in enumerate(group):
                 if not isinstance(m, DoraLinear) or getattr(m.base_layer, "bias", None) is not None:
                     return None
                 if not zeros and m.stack_A is not None:
-                    g[li, 0, col:col + m.out_features] = g_rest + w @ m.stack_g[active]
-                    r0 = 0
+                    g[li, :, 0, col:col + m.out_features] = g_rest + w @ m.stack_g[active]
+                    r0 = pi * width
                     for j, i in enumerate(active):
                         if ctx.names[i] not in m.lora_A:
                             continue  # not a target of this adapter: g = 1, B = 0
                         r = m.lora_A[ctx.names[i]].shape[0]
-                        if r0 + r > width:
+                        if r0 + r > (pi + 1) * width:
                             return None
-                        A[li, pi * width + r0:pi * width + r0 + r] = m.stack_A[i, :r]
-                        Bg = m.stack_B[i, :, :r] * w[j]  # [out, r]
-                        Bs[pi][li, :, r0:r0 + r] = Bg.view(-1, block, r).transpose(1, 2)
+                        A[li, r0:r0 + r] = m.stack_A[i, :r]
+                        Bg = m.stack_B[i, :, :r] * (w[0, j] if rows is None else 1)  # [out, r]
+                        Bs[pi][li, :, r0 - pi * width:r0 - pi * width + r] = Bg.view(-1, block, r).transpose(1, 2)
+                        w_cols[li, :, r0:r0 + r] = w[:, j:j + 1]
                         r0 += r
                 col += m.out_features
-        out.append((A, tuple(Bs), g))
+        if rows is None:
+            out.append((A, tuple(Bs), g[:, 0]))
+        else:
+            out.append((A, tuple(Bs), g, w_cols))
     out = tuple(out)
     if not zeros:
         ctx.decode_lowrank = (key, out)
     return out
 
 
-def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bs, g: torch.Tensor) -> torch.Tensor:
-    """One layer's group of decode_lowrank inside the compiled decode step: x [1, 1, in], the fused
+def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bs, g: torch.Tensor,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's group of decode_lowrank inside a compiled decode step: x [1, 1, in], the fused
     backbone output y [1, 1, out] -> g_mix * y + the weighted low-rank paths, in float32. Written as
     products and sums, not matmuls: Inductor turns them into a few vectorised loops inside its own
-    kernel (a matmul would be an external call, ~9 us each for these 1-row products, 330 per token)."""
-    h = (x.reshape(1, x.shape[-1]) * A.float()).sum(-1)  # A [P*width, in] -> h [P*width]
-    # B [out/16, width, 16]: h [width] -> [out]
-    delta = torch.cat([(hp[None, :, None] * B.float()).sum(1).reshape(-1) for hp, B in zip(h.chunk(len(Bs)), Bs)])
+    kernel (a matmul would be an external call, ~9 us each for these 1-row products, 330 per token).
+
+    With `w` [B, P*width] (decode_lowrank_rows: a batch, each row its own mixture of the same
+    factors): x [B, 1, in], y [B, 1, out], g [B, 1, out]; each row's shrink is weighed by its
+    mixture before the expand."""
+    if w is None:
+        h = (x.reshape(1, x.shape[-1]) * A.float()).sum(-1)  # A [P*width, in] -> h [P*width]
+        # B [out/16, width, 16]: h [width] -> [out]
+        delta = torch.cat([(hp[None, :, None] * B.float()).sum(1).reshape(-1) for hp, B in zip(h.chunk(len(Bs)), Bs)])
+        return y * g + delta
+    rows = x.shape[0]
+    h = (x.reshape(rows, 1, x.shape[-1]) * A.float()).sum(-1) * w  # [B, P*width]
+    delta = torch.cat([(hp[:, None, :, None] * B.float()).sum(2).reshape(rows, 1, -1)
+                       for hp, B in zip(h.chunk(len(Bs), dim=-1), Bs)], dim=-1)
     return y * g + delta
 
 

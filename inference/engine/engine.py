@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch._inductor import config as inductor_config
+from torch._inductor.compile_fx import compile_fx
 
 from . import dora, triton_kernels
 from .errors import AdapterError, ContextLengthExceeded, EngineError
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 # Loops of fewer elements per thread than this run serially in the mixture graphs.
 SERIAL_LOOP_ELEMENTS = 1 << 22
+# The KV position the compile warm-up steps write (and restore) in slots 0 and 1.
+WARM_POSITION = 1
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -208,23 +211,28 @@ class Engine:
         return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix, self.lock)
 
     def compile_decode(self, mixture_rank: int = 24) -> bool:
-        """Compile the decode step of a lone sequence (torch.compile, Inductor: the ~35 small ops
-        per layer, and an adapter mixture's, fuse into a few C++ kernels; about 1.6x eager int4
-        decode here, benchmarks/RESULTS.md). Call it after the batch that will serve exists
-        (`new_batch`): the graph is built for that KV cache, and a larger cache later drops it
-        (eager again). The warm-up writes KV slots 0 and 1, so no sequence may be running.
+        """Compile the decode step (torch.compile, Inductor: the ~35 small ops per layer, and an
+        adapter mixture's, fuse into a few C++ kernels; about 1.6x eager int4 decode for a lone
+        sequence here, benchmarks/RESULTS.md). Call it after the batch that will serve exists
+        (`new_batch`): the graphs are built for that KV cache, and a larger cache later drops them
+        (eager again). Sequences may run meanwhile: they decode eagerly while Inductor compiles
+        (the engine lock is held only while dynamo traces and while a warm-up step runs), and the
+        KV entries that the warm-up steps write are put back.
 
-        Dynamic graphs (slot 0, other slots) serve every slot and length. With `mixture_rank` > 0
-        two more take any adapter mixture whose ranks sum to at most `mixture_rank` per projection
-        (24: three r=8 experts, the router's most), passed in as tensors of one fixed shape
-        (dora.decode_lowrank); wider mixtures, batches of several sequences and live training run
-        the eager forward; in the quantised modes the mixture's factors are bfloat16 (accumulated
-        in float32, g in float32). Should a call still need a recompile, it runs eagerly instead of
-        stalling a request (generate.decode_one_token). The seven projections of every layer are
-        wrapped for DoRA now, so loading adapters later does not change what the graph was built
-        on. The first compile takes minutes on two cores; Inductor caches it on disk
-        (TORCHINDUCTOR_CACHE_DIR), so later starts take seconds. Returns False, and leaves the
-        engine eager, when compiling fails (no C++ compiler, ...).
+        Graphs for a lone sequence (Transformer.decode_one; slot 0, other slots) serve every slot
+        and length; graphs for a batch in one ascending run of slots (decode_rows; from slot 0, from
+        later slots) serve every batch size and length. With `mixture_rank` > 0 as many again take
+        adapter mixtures: a lone sequence's whose ranks sum to at most `mixture_rank` per projection
+        (24: three r=8 experts, the router's most), a batch's whose adapters' ranks together sum to
+        at most twice that, passed in as tensors of one fixed shape (dora.decode_lowrank); wider
+        mixtures, batches in scattered slots and live training run the eager forward. In the
+        quantised modes the mixtures' factors are bfloat16 (accumulated in float32, g in float32).
+        Should a call still need a recompile, it runs eagerly instead of stalling a request
+        (generate.decode_one_token). The seven projections of every layer are wrapped for DoRA now,
+        so loading adapters later does not change what the graphs were built on. The first compile
+        takes minutes on two cores; Inductor caches it on disk (TORCHINDUCTOR_CACHE_DIR), so later
+        starts take seconds. Returns False, and leaves the engine eager, when compiling fails (no
+        C++ compiler, ...).
         """
         model = self.model
         if model.max_batch == 0:
@@ -233,52 +241,94 @@ class Engine:
                                        for layer in model.model.layers):
             log.info("compile_decode: only fused dense models compile; staying eager")
             return False
-        for path in dora.linear_paths(model):
-            if path.rsplit(".", 1)[-1] in dora.DEFAULT_TARGETS:
-                dora.wrap_module(model, path)
-        compiled = torch.compile(model.decode_one, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
         started = time.monotonic()
-        lowranks = [None]
-        zeros = None
         # The quantised modes take their activations in bfloat16 already (the int4/int8 kernels):
         # their low-rank factors too, which halves the bytes the mixture reads per token.
         factor_dtype = torch.bfloat16 if quantised(model) else model.model.embed_tokens.weight.dtype
-        if mixture_rank > 0:
-            zeros = dora.decode_lowrank(model, mixture_rank, factor_dtype, zeros=True)
-            if zeros is None:  # e.g. biased projections (Qwen-style): their mixtures combine per projection
-                log.info("compile_decode: this model's mixtures cannot enter the graph; they decode eagerly")
-                mixture_rank = 0
-        if zeros is not None:
-            # One fixed shape: the mixture tensors are static in the graph (exact-size guards, no
-            # symbols), so any mixture that fits takes the same graph.
-            for t in (t for group in zeros for t in (group[0], *group[1], group[2])):
-                torch._dynamo.mark_static(t)
-            lowranks.append(zeros)
-        # Two or four graphs per engine, all of one code object (Transformer.decode_one): a process
-        # with several engines (tests, benchmarks) needs more than dynamo's default 8 per code object.
+        warm_slots = list(range(min(3, model.max_batch)))  # the KV slots the warm-up steps write
+        kv_snapshot = []
+
+        def backend(gm, example_inputs):
+            # Dynamo has traced the step under the engine lock (it reads the model's Python state);
+            # Inductor's lowering and C++ build, minutes on a cold cache, need only the traced
+            # graph: sequences decode eagerly meanwhile (Batch.step takes the lock per step).
+            self.lock.release()
+            try:
+                return compile_fx(gm, example_inputs, config_patches=COMPILE_OPTIONS)
+            finally:
+                self.lock.acquire()
+                kv_snapshot[:] = model.kv_entries(warm_slots, WARM_POSITION)  # the steps since wrote KV
+
+        compiled = torch.compile(model.decode_one, backend=backend, dynamic=True, fullgraph=True)
+        rows_compiled = torch.compile(model.decode_rows, backend=backend, dynamic=True, fullgraph=True)
+        rows_rank = 2 * mixture_rank  # a batch's adapters together: more of them than one sequence's
+        # Up to four graphs per code object (Transformer.decode_one, decode_rows): a process with
+        # several engines (tests, benchmarks) needs more than dynamo's default 8 per code object.
         limit = max(64, torch._dynamo.config.recompile_limit)
         with self.lock, torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=limit):
             # inference_mode as Batch.step runs it (the graph guards on that)
+            cache = model.model.layers[0].self_attn.kv_cache
+            for path in dora.linear_paths(model):
+                if path.rsplit(".", 1)[-1] in dora.DEFAULT_TARGETS:
+                    dora.wrap_module(model, path)
+            # Inductor specialises slot 0 (its cache view starts at offset 0) against the other
+            # slots (a guard seen with TORCH_LOGS=recompiles): build both now, not mid-request.
+            # (A context filled to its very last position would need one more graph: that one step
+            # runs eagerly, see generate.decode_one_token.) Batches: any size from 2, any run of
+            # slots (their sizes are symbols).
             token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            calls = [(compiled, (token, slot + 2, WARM_POSITION + 1 + 2)) for slot in warm_slots[:2]]
+            if model.max_batch > 1:
+                tokens = torch.zeros((2, 1), dtype=torch.long, device=self.device)
+                positions = torch.full((2, 1), WARM_POSITION, dtype=torch.long, device=self.device)
+                calls += [(rows_compiled, (tokens, positions, start + 2, WARM_POSITION + 1 + 2))
+                          for start in sorted({0, min(1, model.max_batch - 2)})]
+            warmups = [(fn, args, None) for fn, args in calls]
+            if mixture_rank > 0:
+                zeros = dora.decode_lowrank(model, mixture_rank, factor_dtype, zeros=True)
+                zeros_rows = dora.decode_lowrank(model, rows_rank, factor_dtype, zeros=True, rows=2)
+                if zeros is None:  # e.g. biased projections (Qwen-style): their mixtures combine per projection
+                    log.info("compile_decode: this model's mixtures cannot enter the graph; they decode eagerly")
+                    mixture_rank = rows_rank = 0
+                else:
+                    # One fixed shape: the mixture tensors are static in the graph (exact-size guards,
+                    # no symbols), so any mixture that fits takes the same graph; a batch's per-row
+                    # weights and g have the batch size as their one symbol.
+                    for group in zeros + zeros_rows:
+                        for t in (group[0], *group[1]):
+                            torch._dynamo.mark_static(t)
+                    for _, _, g, w in zeros_rows:
+                        for t in (g, w):
+                            for dim in range(t.dim()):
+                                if dim != 1:
+                                    torch._dynamo.mark_static(t, dim)
+                    warmups += [(fn, args, zeros if fn is compiled else zeros_rows) for fn, args in calls]
             try:
-                # Inductor specialises slot 0 (its cache view starts at offset 0) against the other
-                # slots (a guard seen with TORCH_LOGS=recompiles): build both now, not mid-request.
-                # (A context filled to its very last position would need one more graph: that one
-                # step runs eagerly, see generate.decode_one_token.)
-                for lowrank in lowranks:
+                for fn, args, lowrank in warmups:
                     # The mixture's loops are small (a few hundred KB of factors each, read from
                     # DRAM): run serially, as the rest of the step's own loops are, they skip an
                     # OpenMP fork and barriers each (benchmarks/RESULTS.md, fifth session).
                     with (inductor_config.patch({"cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS}) if lowrank is not None
                           else contextlib.nullcontext()):
-                        for slot in sorted({0, min(1, model.max_batch - 1)}):
-                            compiled(token, slot + 2, 2 + 2, lowrank)
+                        # Each warm-up step writes one KV position of slots that running sequences
+                        # may own: put back what was there.
+                        kv_snapshot[:] = model.kv_entries(warm_slots, WARM_POSITION)
+                        try:
+                            fn(*args, lowrank)
+                        finally:
+                            model.restore_kv_entries(warm_slots, WARM_POSITION, kv_snapshot)
             except Exception as exc:  # Inductor needs a working C++ toolchain; eager still serves
                 log.warning("compile_decode failed, decoding eagerly: %s: %s", type(exc).__name__, exc)
                 return False
-        model.compiled_decode = compiled
-        model.compiled_mixture_rank = mixture_rank
-        model.compiled_mixture_dtype = factor_dtype
+            if model.model.layers[0].self_attn.kv_cache is not cache:
+                # A larger batch replaced the KV cache while Inductor compiled (setup_caches).
+                log.warning("compile_decode: the KV cache changed while compiling; decoding eagerly")
+                return False
+            model.compiled_decode = compiled
+            model.compiled_mixture_rank = mixture_rank
+            model.compiled_mixture_dtype = factor_dtype
+            model.compiled_rows = rows_compiled if model.max_batch > 1 else None
+            model.compiled_rows_rank = rows_rank
         log.info("decode graph compiled in %.1f s", time.monotonic() - started)
         return True
 

@@ -110,10 +110,15 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots
 
     A lone sequence takes the compiled decode graph when the engine built one
     (Engine.compile_decode), its adapter mixture, if any, passed in as fixed-shape tensors
-    (dora.decode_lowrank); batches of several sequences, mixtures too wide for the graph and live
-    training run the eager forward."""
+    (dora.decode_lowrank); a batch in one ascending run of slots the compiled batch graph
+    (_decode_rows); scattered slots, mixtures too wide for the graphs and live training run the
+    eager forward."""
     compiled = model.compiled_decode
     ctx = model.adapter_context
+    if model.compiled_rows is not None and tokens.shape[0] > 1 and (ctx is None or ctx.training is None):
+        logits = _decode_rows(model, tokens, input_pos, slots, mixture)
+        if logits is not None:
+            return logits
     if (compiled is not None and tokens.shape[0] == 1 and (ctx is None or ctx.training is None)
             and int(input_pos[0]) + 1 < model.cache_len):
         lowrank, eager = None, False
@@ -137,6 +142,31 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots
             with torch.compiler.set_stance("eager_on_recompile", skip_guard_eval_unsafe=True):
                 return compiled(tokens[:, None], int(slots[0]) + 2, int(input_pos[0]) + 3, lowrank)[:, -1]
     return model(tokens[:, None], input_pos=input_pos[:, None], slots=slots, mixture=mixture)[:, -1]
+
+
+def _decode_rows(model, tokens, input_pos, slots, mixture) -> torch.Tensor | None:
+    """A batch through the compiled batch graph (Transformer.decode_rows), or None when it cannot
+    take it: slots that are not one ascending run, the cache's last position, a mixture whose
+    adapters' ranks sum past the graph's width."""
+    s, p = slots.tolist(), input_pos.tolist()
+    length = max(p) + 1
+    if s != list(range(s[0], s[0] + len(s))) or length >= model.cache_len:
+        return None
+    lowrank = None
+    if mixture is not None:
+        ctx = model.adapter_context
+        ctx.set_mixture(mixture)
+        try:
+            if ctx.weights is not None:
+                if model.compiled_rows_rank == 0:
+                    return None
+                lowrank = decode_lowrank(model, model.compiled_rows_rank, model.compiled_mixture_dtype, rows=len(s))
+                if lowrank is None:
+                    return None
+        finally:
+            ctx.set_mixture(None)
+    with torch.compiler.set_stance("eager_on_recompile", skip_guard_eval_unsafe=True):
+        return model.compiled_rows(tokens[:, None], input_pos[:, None], s[0] + 2, length + 2, lowrank)[:, -1]
 
 
 class TextStream:
@@ -279,7 +309,7 @@ class Batch:
             seq.finish_reason = "cancelled"
             out.append(StepOutput(seq, None, seq.stream.finish() if seq.stream else "", True))
             self._release(seq)
-        decoding = list(self.running)
+        decoding = sorted(self.running, key=lambda s: s.slot)  # in slot order: a run of slots takes the batch graph
         while self.waiting and self.free_slots:
             seq = self.waiting.pop(0)
             seq.slot = self.free_slots.pop(0)

@@ -112,17 +112,18 @@ class KVCache(nn.Module):
             vc[:, plan.pos_start : plan.pos_start + 1] = v[0]
             return kc[None, :, :length], vc[None, :, :length]
         if plan is not None and plan.slot_start is not None:
-            s0, s1 = plan.slot_start, plan.slot_start + k.shape[0]
+            # Contiguous slots: write into and attend over a view of the cache instead of gathering
+            # a copy of it (narrow, not a slice: its length stays the batch's under torch.compile).
+            kc, vc = self.k_cache.narrow(0, plan.slot_start, k.shape[0]), self.v_cache.narrow(0, plan.slot_start, k.shape[0])
             if plan.pos_start is not None:  # every row writes the same contiguous positions
                 p0, p1 = plan.pos_start, plan.pos_start + k.shape[2]
-                self.k_cache[s0:s1, :, p0:p1] = k
-                self.v_cache[s0:s1, :, p0:p1] = v
-            else:
-                rows = torch.arange(s0, s1, device=k.device)[:, None]
+                kc[:, :, p0:p1] = k
+                vc[:, :, p0:p1] = v
+            else:  # into the cache itself: under torch.compile a write through the view copies the cache
+                rows = torch.arange(plan.slot_start, plan.slot_start + k.shape[0], device=k.device)[:, None]
                 self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
                 self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
-            # Contiguous slots: attend over a view of the cache instead of gathering a copy of it.
-            return self.k_cache[s0:s1, :, :length], self.v_cache[s0:s1, :, :length]
+            return kc[:, :, :length], vc[:, :, :length]
         rows = slots[:, None]  # [B, 1] broadcasts against input_pos [B, T]
         self.k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is [B, T, Hkv, hd]
         self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
@@ -143,6 +144,14 @@ class StepPlan:
         slice start becomes a guard on its value, an index only on its range."""
         plan = cls.__new__(cls)
         plan.slot_start, plan.pos_start, plan.single_slot = None, pos, slot
+        return plan
+
+    @classmethod
+    def rows(cls, slot_start: int) -> "StepPlan":
+        """A batch in the contiguous slots from `slot_start`, each row at its own position (the
+        compiled batch step, decided without reading a tensor back)."""
+        plan = cls.__new__(cls)
+        plan.slot_start, plan.pos_start, plan.single_slot = slot_start, None, None
         return plan
 
     def __init__(self, slots: torch.Tensor, input_pos: torch.Tensor):
@@ -277,6 +286,8 @@ class Transformer(nn.Module):
         self.compiled_decode = None  # torch.compile'd decode_one, set by Engine.compile_decode()
         self.compiled_mixture_rank = 0  # the rank sum its mixture graphs take (0: none)
         self.compiled_mixture_dtype = torch.float32  # their low-rank factors' dtype
+        self.compiled_rows = None  # torch.compile'd decode_rows (batches in contiguous slots)
+        self.compiled_rows_rank = 0  # the rank sum over a batch's adapters its mixture graphs take
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         """Allocate KV buffers for `max_batch` slots of `max_seq_len` tokens (gpt-fast style)."""
@@ -285,10 +296,25 @@ class Transformer(nn.Module):
             return
         cfg = self.config
         dtype, device = self.model.embed_tokens.weight.dtype, self.model.embed_tokens.weight.device
-        self.compiled_decode = None  # built for the old buffers' shapes: eager until compiled again
+        self.compiled_decode = self.compiled_rows = None  # built for the old buffers: eager until compiled again
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, dtype, device)
         self.max_batch, self.cache_len = max_batch, max_seq_len
+
+    def kv_entries(self, slots: list[int], pos: int) -> list[torch.Tensor]:
+        """Copies of every layer's cached keys and values at position `pos` of `slots`."""
+        out = []
+        for layer in self.model.layers:
+            cache = layer.self_attn.kv_cache
+            out += [cache.k_cache[slots, :, pos].clone(), cache.v_cache[slots, :, pos].clone()]
+        return out
+
+    def restore_kv_entries(self, slots: list[int], pos: int, entries: list[torch.Tensor]) -> None:
+        """Put back what kv_entries copied."""
+        for layer, k, v in zip(self.model.layers, entries[0::2], entries[1::2]):
+            cache = layer.self_attn.kv_cache
+            cache.k_cache[slots, :, pos] = k
+            cache.v_cache[slots, :, pos] = v
 
     def decode_one(self, tokens: torch.Tensor, slot_plus_2: int, length_plus_2: int, lowrank=None) -> torch.Tensor:
         """One decode step of ONE sequence: tokens [1, 1] at position `length - 1` of KV slot
@@ -307,6 +333,24 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             layer_lowrank = None if lowrank is None else [(A[i], [B[i] for B in Bs], g[i]) for A, Bs, g in lowrank]
             x = layer(x, cos, sin, None, None, input_pos, length, plan, layer_lowrank)
+        return self.lm_head(self.model.norm(x)).float()
+
+    def decode_rows(self, tokens: torch.Tensor, input_pos: torch.Tensor, slot_start_plus_2: int, length_plus_2: int,
+                    lowrank=None) -> torch.Tensor:
+        """One decode step of a batch of B sequences in the contiguous KV slots from `slot_start`:
+        tokens [B, 1] at positions input_pos [B, 1], `length` = the largest position + 1 -> logits
+        [B, 1, V]; each row's adapter mixture given as `lowrank` (dora.decode_lowrank_rows: the
+        batch's adapters' factors once, per-row weights and g) or none. `forward` for that case,
+        written for torch.compile as decode_one is (Engine.compile_decode)."""
+        slot_start, length = slot_start_plus_2 - 2, length_plus_2 - 2
+        x = self.model.embed_tokens(tokens)  # [B, 1, D]
+        cos, sin = self.rope(input_pos, x.dtype)
+        plan = StepPlan.rows(slot_start)
+        key_pos = torch.arange(length, device=tokens.device)
+        mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, length]
+        for i, layer in enumerate(self.model.layers):
+            layer_lowrank = None if lowrank is None else [(A[i], [B[i] for B in Bs], g[i], w[i]) for A, Bs, g, w in lowrank]
+            x = layer(x, cos, sin, mask, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 
     def forward(self, tokens, input_pos=None, slots=None, mixture=None, last_only: bool = False) -> torch.Tensor:

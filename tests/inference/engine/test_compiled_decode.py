@@ -56,17 +56,22 @@ def graph_lowrank(model, mixture):
         model.adapter_context.set_mixture(None)
 
 
-def decode(engine, prompts, max_tokens, mixtures=None, compiled=None):
+def decode(engine, prompts, max_tokens, mixtures=None, compiled=None, rows=None):
     """Greedy tokens per prompt through one batch; max_tokens differ so that later sequences end up
-    decoding alone in slots 1 and 2, not only slot 0."""
+    decoding alone in slots 1 and 2, not only slot 0. `compiled`: the lone-sequence graph, `rows`:
+    the batch graph (None: eager; the engine's own batch graph is put back after)."""
     engine.model.compiled_decode = compiled
-    batch = engine.new_batch(max_batch=3, max_seq_len=64)
-    seqs = [Sequence(list(ids), SamplingParams(max_tokens=n, ignore_eos=True), mixture=(mixtures or [None] * 3)[i])
-            for i, (ids, n) in enumerate(zip(prompts, max_tokens))]
-    for seq in seqs:
-        batch.add(seq)
-    while len(batch):
-        batch.step()
+    own_rows, engine.model.compiled_rows = engine.model.compiled_rows, rows
+    try:
+        batch = engine.new_batch(max_batch=3, max_seq_len=64)
+        seqs = [Sequence(list(ids), SamplingParams(max_tokens=n, ignore_eos=True),
+                         mixture=(mixtures or [None] * 3)[i]) for i, (ids, n) in enumerate(zip(prompts, max_tokens))]
+        for seq in seqs:
+            batch.add(seq)
+        while len(batch):
+            batch.step()
+    finally:
+        engine.model.compiled_rows = own_rows
     return [s.output_ids for s in seqs]
 
 
@@ -225,13 +230,89 @@ def test_a_mixture_whose_ranks_sum_past_the_graph_width_decodes_eagerly(compiled
         engine.model.compiled_decode = graph
 
 
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_compiled_batches_give_the_eager_tokens_for_runs_of_slots_and_fall_back_otherwise(
+        compiled_engines, quant, tmp_path):
+    """Several sequences share a step through the batch graph while their slots are one ascending
+    run (from slot 0 or later), with or without per-sequence mixtures; slots 0 and 2 alone run
+    eagerly. Tokens as the eager batch gives them (int4 mixtures: compared by logits below)."""
+    path, engines = compiled_engines
+    engine, graph = engines[quant]
+    rows = engine.model.compiled_rows
+    assert rows is not None and engine.model.compiled_rows_rank == 48
+    make_peft_adapter(path, tmp_path / "a", seed=1, r=4, targets=("q_proj", "v_proj", "down_proj"))
+    make_peft_adapter(path, tmp_path / "b", seed=2, r=2, targets=("k_proj", "o_proj", "up_proj", "gate_proj"))
+    engine.load_adapter("a", tmp_path / "a")
+    engine.load_adapter("b", tmp_path / "b")
+    cases = [
+        ((6, 6, 6), 5),  # slots 0-2 together for every step after the prefill
+        ((2, 7, 7), 6),  # slot 0 leaves first: then slots 1-2, a run from slot 1
+        ((7, 2, 7), 1),  # slot 1 leaves first: slots 0 and 2 are no run, eager
+    ]
+    mixture_sets = [None] if quant == "int4" else [None, [{"a": 1.0}, {"a": 0.3, "b": 0.7}, None]]
+    try:
+        for mixtures in mixture_sets:
+            for lengths, rows_steps in cases:
+                spy = CountCalls(rows)
+                got = decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=graph, rows=spy)
+                assert spy.calls == rows_steps, (lengths, mixtures)
+                assert got == decode(engine, PROMPTS, lengths, mixtures=mixtures)
+    finally:
+        engine.unload_adapter("a")
+        engine.unload_adapter("b")
+        engine.model.compiled_decode = graph
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_the_batch_graph_takes_every_batch_size_and_mixture_within_its_tolerance(compiled_engines, quant, tmp_path):
+    """The batch graph called directly (no eager fallback can hide a recompile) for 2 and 3 rows
+    from slots 0 and 1, each row its own mixture of adapters of different ranks and targets:
+    logits as the eager forward's (float32: 1e-4; int4, bfloat16 factors: two bfloat16 roundings
+    and the same greedy token), no new graph."""
+    path, engines = compiled_engines
+    engine, _ = engines[quant]
+    model, rows = engine.model, engine.model.compiled_rows
+    ids = [IDS[:9], IDS[1:10], IDS[2:11]]
+    with two_adapters(engine, path, tmp_path), torch.inference_mode():
+        before = graphs()
+        for start, mixture in ((0, torch.tensor([[1.0, 0.0], [0.25, 0.75], [0.0, 0.0]])),
+                               (1, torch.tensor([[0.0, 1.0], [0.5, 0.5]])),
+                               (0, None)):
+            n = 2 if mixture is None else mixture.shape[0]
+            full = model(torch.tensor(ids[:n]), mixture=mixture)  # eager, no cache, float32 factors
+            model.adapter_context.set_mixture(mixture)
+            try:
+                lowrank = None if mixture is None else dora_rows(model, n)
+            finally:
+                model.adapter_context.set_mixture(None)
+            slots = torch.arange(start, start + n)
+            model(torch.tensor([i[:5] for i in ids[:n]]), input_pos=torch.arange(5).expand(n, 5), slots=slots,
+                  mixture=mixture)
+            for pos in range(5, 9):
+                tokens = torch.tensor([[i[pos]] for i in ids[:n]])
+                step = rows(tokens, torch.full((n, 1), pos), start + 2, pos + 1 + 2, lowrank)[:, -1]
+                error = (step - full[:, pos]).abs().max().item()
+                if quant is None:
+                    assert error < 1e-4
+                else:
+                    assert error <= 2 * torch.finfo(torch.bfloat16).eps * full[:, pos].abs().max().item()
+                    assert torch.equal(step.argmax(-1), full[:, pos].argmax(-1))
+        assert graphs() == before
+
+
+def dora_rows(model, n):
+    from inference.engine.dora import decode_lowrank
+
+    return decode_lowrank(model, model.compiled_rows_rank, model.compiled_mixture_dtype, rows=n)
+
+
 def test_a_larger_kv_cache_drops_the_graph_and_decodes_eagerly(compiled_engines):
     path, _ = compiled_engines
     engine = Engine.load(path)
     engine.new_batch(max_batch=1, max_seq_len=32)
     engine.model.compiled_decode = CountCalls(lambda *a: pytest.fail("a graph built for the old cache ran"))
     batch = engine.new_batch(max_batch=2, max_seq_len=64)
-    assert engine.model.compiled_decode is None
+    assert engine.model.compiled_decode is None and engine.model.compiled_rows is None
     seq = batch.add(Sequence(IDS[:5], SamplingParams(max_tokens=4, ignore_eos=True)))
     while len(batch):
         batch.step()
@@ -251,6 +332,50 @@ def test_compile_failure_leaves_the_engine_decoding_eagerly(compiled_engines):
         assert engine.compile_decode() is False
     assert engine.model.compiled_decode is None
     assert len(list(engine.generate("hi", max_tokens=3, ignore_eos=True))) >= 1
+
+
+def test_sequences_decode_eagerly_while_the_graphs_compile_and_keep_their_kv_cache(compiled_engines, monkeypatch):
+    """The worker compiles behind a serving scheduler: a sequence in slot 0 (the warm-up steps
+    write a KV position of slots 0 and 1) decodes while Inductor builds the graphs, then through
+    them, and gives the eager tokens. Inductor's compile is wrapped only to hold it until the
+    sequence has stepped, so that the steps surely fall inside it."""
+    import threading
+
+    from inference.engine import engine as engine_module
+
+    path, _ = compiled_engines
+    engine = Engine.load(path)
+    engine.new_batch(max_batch=3, max_seq_len=64)
+    reference = decode(engine, PROMPTS, (20, 1, 1))[0]
+    compiling, stepped = threading.Event(), threading.Event()
+    real_compile_fx = engine_module.compile_fx
+
+    def held_compile_fx(*args, **kwargs):
+        compiling.set()
+        assert stepped.wait(60)
+        return real_compile_fx(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "compile_fx", held_compile_fx)
+    batch = engine.new_batch(max_batch=3, max_seq_len=64)
+    seq = batch.add(Sequence(list(PROMPTS[0]), SamplingParams(max_tokens=20, ignore_eos=True)))
+    batch.step()  # the prompt is in slot 0's cache, the warm-up position among it
+    assert seq.slot == 0
+    result = []
+    compiler = threading.Thread(target=lambda: result.append(engine.compile_decode()))
+    compiler.start()
+    assert compiling.wait(60)
+    for _ in range(5):
+        batch.step()  # the engine lock is free while Inductor compiles
+    assert len(seq.output_ids) == 6 and compiler.is_alive()
+    stepped.set()
+    compiler.join(300)
+    assert result == [True]
+    spy = CountCalls(engine.model.compiled_decode)
+    engine.model.compiled_decode = spy
+    while len(batch):
+        batch.step()
+    assert spy.calls == 14  # the rest went through the graphs
+    assert seq.output_ids == reference
 
 
 def test_a_model_with_biased_projections_compiles_without_mixture_graphs(tmp_path):
