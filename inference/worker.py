@@ -129,6 +129,10 @@ def start_compiling(engine):
             log.exception("compiling the decode step failed")
         finally:
             state.compiling = False
+            # Inductor's pool of compile processes is not needed again: free it now, not at exit.
+            from torch._inductor.async_compile import shutdown_compile_workers
+
+            shutdown_compile_workers()
 
     thread = threading.Thread(target=run, name="decode-compiler", daemon=True)
     thread.start()
