@@ -400,7 +400,7 @@ def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bs, g: torch.
     products and sums, not matmuls: Inductor turns them into a few vectorised loops inside its own
     kernel (a matmul would be an external call, ~9 us each for these 1-row products, 330 per token).
 
-    With `w` [B, P*width] (decode_lowrank_rows: a batch, each row its own mixture of the same
+    With `w` [B, P*width] (decode_lowrank with rows=B: a batch, each row its own mixture of the same
     factors): x [B, 1, in], y [B, 1, out], g [B, 1, out]; each row's shrink is weighed by its
     mixture before the expand."""
     if w is None:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 # Loops of fewer elements per thread than this run serially in the mixture graphs.
 SERIAL_LOOP_ELEMENTS = 1 << 22
-# The KV position the compile warm-up steps write (and restore) in slots 0 and 1.
+# The KV position the compile warm-up steps write (and restore) in slots 0 to 2.
 WARM_POSITION = 1
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -339,7 +339,7 @@ class Transformer(nn.Module):
                     lowrank=None) -> torch.Tensor:
         """One decode step of a batch of B sequences in the contiguous KV slots from `slot_start`:
         tokens [B, 1] at positions input_pos [B, 1], `length` = the largest position + 1 -> logits
-        [B, 1, V]; each row's adapter mixture given as `lowrank` (dora.decode_lowrank_rows: the
+        [B, 1, V]; each row's adapter mixture given as `lowrank` (dora.decode_lowrank, rows=B: the
         batch's adapters' factors once, per-row weights and g) or none. `forward` for that case,
         written for torch.compile as decode_one is (Engine.compile_decode)."""
         slot_start, length = slot_start_plus_2 - 2, length_plus_2 - 2
