@@ -1,4 +1,5 @@
-"""Cost of a 3-adapter DoRA mixture on single-stream decode, int4 serving mode, one process.
+"""Cost of a 3-adapter DoRA mixture on single-stream decode, int4 serving mode, one process (and,
+compiled, of one expert alone).
 
 Alternates the configurations five times and compares medians (this machine is shared; runs far
 apart in time are not comparable): no adapter and the mixture through the compiled decode graphs
@@ -49,6 +50,7 @@ if "--no-compile" not in sys.argv:
 layers = eng.model.model.layers
 fused = [(layer.self_attn.qkv_proj, layer.mlp.gate_up_proj) for layer in layers]
 MIX = {"a": 0.5, "b": 0.3, "c": 0.2}
+ONE = {"a": 1.0}  # one expert: the compiled step reads a third of the mixture's factor bytes
 
 
 def set_fused(on: bool) -> None:
@@ -72,14 +74,14 @@ rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv
 eager = graph is None or "--compiled-only" not in sys.argv
 res = {"no adapter": [], "mixture, fused + grouped": [], "mixture, per projection": []} if eager else {}
 if graph is not None:
-    res = {"compiled, no adapter": [], "compiled, mixture": [], **res}
+    res = {"compiled, no adapter": [], "compiled, mixture": [], "compiled, one expert": [], **res}
+COMPILED = {"compiled, no adapter": None, "compiled, mixture": MIX, "compiled, one expert": ONE}
 for i in range(rounds):
     set_fused(True)
     if graph is not None:
-        order = (None, MIX) if i % 2 == 0 else (MIX, None)  # neither always runs first
-        for adapters in order:
-            key = "compiled, no adapter" if adapters is None else "compiled, mixture"
-            res[key].append(decode_tok_s(adapters, compiled=True))
+        order = list(COMPILED)
+        for key in order[i % 3:] + order[:i % 3]:  # none always runs first
+            res[key].append(decode_tok_s(COMPILED[key], compiled=True))
     if not eager:
         continue
     res["no adapter"].append(decode_tok_s(None))
@@ -90,8 +92,8 @@ for name, runs in res.items():
     base = statistics.median(res["compiled, no adapter" if name.startswith("compiled") else "no adapter"])
     print(f"{name:26} median {statistics.median(runs):6.1f} tok/s  ÷ no adapter (same path) "
           f"{statistics.median(runs) / base:.2f}", [round(x) for x in runs])
-if graph is not None:
-    pairs = sorted(m / n for n, m in zip(res["compiled, no adapter"], res["compiled, mixture"]))
+for key in ("compiled, mixture", "compiled, one expert") if graph is not None else ():
+    pairs = sorted(m / n for n, m in zip(res["compiled, no adapter"], res[key]))
     q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
-    print(f"compiled mixture ÷ no adapter, round by round: median {statistics.median(pairs):.3f}, "
+    print(f"{key} ÷ no adapter, round by round: median {statistics.median(pairs):.3f}, "
           f"quartiles {q[0]:.3f}–{q[2]:.3f}, {len(pairs)} rounds")

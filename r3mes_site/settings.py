@@ -312,7 +312,7 @@ R3MES_COMPILE = env_bool("R3MES_COMPILE", True)
 # ...with adapter mixtures whose ranks sum to at most this per projection in the graph too (24:
 # three r=8 experts, the router's most; ~1.8x eager mixture decode); 0: mixtures decode eagerly
 # and the start compiles two graphs instead of four.
-R3MES_COMPILE_MIXTURE_RANK = env_int("R3MES_COMPILE_MIXTURE_RANK", 24, minimum=0)
+R3MES_COMPILE_MIXTURE_RANK = env_int("R3MES_COMPILE_MIXTURE_RANK", 64, minimum=0)
 R3MES_WORKER_PING_TIMEOUT = env_float("R3MES_WORKER_PING_TIMEOUT", 2.0, minimum=0.1)
 R3MES_TORCH_THREADS = env_int("R3MES_TORCH_THREADS", 0, minimum=0)
 

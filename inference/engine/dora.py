@@ -308,32 +308,51 @@ DECODE_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("
 LOWRANK_BLOCK = 16
 
 
+# The compiled step's mixture width (its ranks summed per projection) is a multiple of this: one
+# graph takes every width (a symbol), and the padding stays small.
+WIDTH_STEP = 8
+
+
+def mixture_width(ctx, active, modules) -> int:
+    """The width a mixture of the `active` adapters needs in the compiled step: the largest sum of
+    their ranks on one projection, rounded up to a multiple of WIDTH_STEP."""
+    most = 0
+    for m in modules:
+        if isinstance(m, DoraLinear):
+            most = max(most, sum(m.lora_A[ctx.names[i]].shape[0] for i in active if ctx.names[i] in m.lora_A))
+    return WIDTH_STEP * max(1, -(-most // WIDTH_STEP))
+
+
 @torch.inference_mode()  # as the decode step runs (the graph guards on the tensors' dispatch keys)
 def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool = False, rows: int | None = None):
-    """The adapter context's mixture of ONE sequence as the fixed-shape tensors that the compiled
-    decode step takes (Engine.compile_decode): per group of DECODE_GROUPS, stacked over layers,
+    """The adapter context's mixture of ONE sequence as the tensors that the compiled decode step
+    takes (Engine.compile_decode): per group of DECODE_GROUPS, stacked over layers,
 
-    - `A` [L, P*width, in]: each projection's active A factors stacked, their ranks summed
-      and padded with zeros to `width` (so every mixture whose total rank fits is one shape, one
-      graph: three r=8 experts, one r=24, ...);
-    - one `Bg` [L, out/16, width, 16] per projection: B scaled by g_i * s_i (rebuild) and by the
+    - `A` [L, P*W, in]: each projection's active A factors stacked, their ranks summed and padded
+      with zeros to the mixture's width W (mixture_width: one r=8 expert 8, three of them 24; the
+      graph takes W as a symbol, so every width is one graph and a lone expert reads a third of
+      the bytes three do);
+    - one `Bg` [L, out/16, W, 16] per projection: B scaled by g_i * s_i (rebuild) and by the
       mixture weight w_i, zero rows for the padding, in blocks of 16 output columns so that the
       expand reads each factor as one sequential stream: the factors come from DRAM on every
-      token (the int4 backbone streams through the caches between two uses), and a [width, out]
-      layout, `width` short strided streams, decoded 2-6 % slower (benchmarks/RESULTS.md);
+      token (the int4 backbone streams through the caches between two uses), and a [W, out]
+      layout, `W` short strided streams, decoded 2-6 % slower (benchmarks/RESULTS.md);
     - `g` [L, 1, sum out]: g_mix = 1 - sum w_i + sum_i w_i g_i, in the model's float dtype.
+
+    `width`: the most W the caller takes (a wider mixture gives None: it decodes eagerly); with
+    `zeros` (the shapes only: all-zero factors, g = 1, for the compile warm-up) W itself.
 
     `rows`: the mixtures of a BATCH of that many sequences instead (Transformer.decode_rows), the
     factors of every adapter the batch uses once, unweighted, plus per row: `g` [L, B, 1, sum out]
-    and the weights `w` [L, B, P*width] of each rank column (the shrink is weighed per row).
+    and the weights `w` [L, B, P*W] of each rank column (the shrink is weighed per row).
 
     `dtype` is the factors' (Engine.compile_decode: bfloat16 in the quantised modes, where it
     halves the bytes read per token; they are accumulated in float32). The same function as
-    mixture_plan + apply_mixture, laid out for a graph (add_lowrank). `zeros`: the shapes only
-    (all-zero factors, g = 1), for the compile warm-up. None when this mixture cannot take that
-    form: a rank sum over `width`, a bias, a projection that is not wrapped or whose outputs are
-    not whole blocks, a layer without fused q|k|v and gate|up products, a batch of another size.
-    Built once per mixture (cached on the context); a new mixture costs a few milliseconds."""
+    mixture_plan + apply_mixture, laid out for a graph (add_lowrank). None when this mixture
+    cannot take that form: a width over `width`, a bias, a projection that is not wrapped or whose
+    outputs are not whole blocks, a layer without fused q|k|v and gate|up products, a batch of
+    another size. Built once per mixture (cached on the context); a new mixture costs a few
+    milliseconds."""
     ctx = model.adapter_context
     layers = model.model.layers
     if ctx is None or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in layers):
@@ -350,6 +369,12 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
             return cached[1]
         w = ctx.weights.to(exact)  # [B, n]
         g_rest = ctx.rest.to(exact)  # [B, 1]
+        projections = [getattr(getattr(layer, owner), n) for layer in layers for owner, names in DECODE_GROUPS
+                       for n in names]
+        needed = mixture_width(ctx, active, projections)
+        if needed > width:
+            return None
+        width = needed
     device = model.model.embed_tokens.weight.device
     block = LOWRANK_BLOCK
     out = []

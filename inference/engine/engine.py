@@ -31,6 +31,9 @@ COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_assert
 SERIAL_LOOP_ELEMENTS = 1 << 22
 # The KV position the compile warm-up steps write (and restore) in slots 0 to 2.
 WARM_POSITION = 1
+# The mixture width (ranks per projection) of the warm-up steps: the graphs take every width as a
+# symbol (dora.decode_lowrank), so any value that no other size of the step shares.
+WARM_WIDTH = 24
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -210,7 +213,7 @@ class Engine:
         """A continuous-batching scheduler on this engine's model (one active batch per engine)."""
         return Batch(self.model, self.tokenizer, max_batch, max_seq_len, self.mixture_matrix, self.lock)
 
-    def compile_decode(self, mixture_rank: int = 24) -> bool:
+    def compile_decode(self, mixture_rank: int = 64) -> bool:
         """Compile the decode step (torch.compile, Inductor: the ~35 small ops per layer, and an
         adapter mixture's, fuse into a few C++ kernels; about 1.6x eager int4 decode for a lone
         sequence here, benchmarks/RESULTS.md). Call it after the batch that will serve exists
@@ -222,10 +225,11 @@ class Engine:
         Graphs for a lone sequence (Transformer.decode_one; slot 0, other slots) serve every slot
         and length; graphs for a batch in one ascending run of slots (decode_rows; from slot 0, from
         later slots) serve every batch size and length. With `mixture_rank` > 0 as many again take
-        adapter mixtures: a lone sequence's whose ranks sum to at most `mixture_rank` per projection
-        (24: three r=8 experts, the router's most), a batch's whose adapters' ranks together sum to
-        at most twice that, passed in as tensors of one fixed shape (dora.decode_lowrank); wider
-        mixtures, batches in scattered slots and live training run the eager forward. In the
+        adapter mixtures: a lone sequence's whose ranks sum to at most `mixture_rank` per projection,
+        a batch's whose adapters' ranks together sum to at most twice that, passed in as tensors
+        whose width (the ranks summed, dora.decode_lowrank) is a symbol of the graph: a lone r=8
+        expert reads a third of the factor bytes of three; wider mixtures, batches in scattered
+        slots and live training run the eager forward. In the
         quantised modes the mixtures' factors are bfloat16 (accumulated in float32, g in float32).
         Should a call still need a recompile, it runs eagerly instead of stalling a request
         (generate.decode_one_token). The seven projections of every layer are wrapped for DoRA now,
@@ -285,22 +289,24 @@ class Engine:
                           for start in sorted({0, min(1, model.max_batch - 2)})]
             warmups = [(fn, args, None) for fn, args in calls]
             if mixture_rank > 0:
-                zeros = dora.decode_lowrank(model, mixture_rank, factor_dtype, zeros=True)
-                zeros_rows = dora.decode_lowrank(model, rows_rank, factor_dtype, zeros=True, rows=2)
+                zeros = dora.decode_lowrank(model, WARM_WIDTH, factor_dtype, zeros=True)
+                zeros_rows = dora.decode_lowrank(model, WARM_WIDTH, factor_dtype, zeros=True, rows=2)
                 if zeros is None:  # e.g. biased projections (Qwen-style): their mixtures combine per projection
                     log.info("compile_decode: this model's mixtures cannot enter the graph; they decode eagerly")
                     mixture_rank = rows_rank = 0
                 else:
-                    # One fixed shape: the mixture tensors are static in the graph (exact-size guards,
-                    # no symbols), so any mixture that fits takes the same graph; a batch's per-row
-                    # weights and g have the batch size as their one symbol.
-                    for group in zeros + zeros_rows:
-                        for t in (group[0], *group[1]):
-                            torch._dynamo.mark_static(t)
-                    for _, _, g, w in zeros_rows:
-                        for t in (g, w):
+                    # The mixture's width is a symbol of the graph (mark_dynamic: compiling fails
+                    # rather than specialise it); a batch's size is left to dynamo (a symbol, but
+                    # a KV cache of two slots fixes it at 2); every other size is fixed.
+                    for group, rows in [(group, False) for group in zeros] + [(group, True) for group in zeros_rows]:
+                        A, Bs, g = group[:3]
+                        for t, width_dim, batch_dim in [(A, 1, None), *[(B, 2, None) for B in Bs],
+                                                        (g, None, 1 if rows else None),
+                                                        *([(group[3], 2, 1)] if rows else [])]:
                             for dim in range(t.dim()):
-                                if dim != 1:
+                                if dim == width_dim:
+                                    torch._dynamo.mark_dynamic(t, dim)
+                                elif dim != batch_dim:
                                     torch._dynamo.mark_static(t, dim)
                     warmups += [(fn, args, zeros if fn is compiled else zeros_rows) for fn, args in calls]
             try:

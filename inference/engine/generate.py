@@ -109,7 +109,7 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots
     """tokens [B], input_pos [B], slots [B], mixture [B, N] -> logits [B, V].
 
     A lone sequence takes the compiled decode graph when the engine built one
-    (Engine.compile_decode), its adapter mixture, if any, passed in as fixed-shape tensors
+    (Engine.compile_decode), its adapter mixture, if any, passed in as tensors
     (dora.decode_lowrank); a batch in one ascending run of slots the compiled batch graph
     (_decode_rows); scattered slots, mixtures too wide for the graphs and live training run the
     eager forward."""

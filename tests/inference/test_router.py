@@ -1,7 +1,6 @@
 """The hybrid router's stages: keyword, semantic (real all-MiniLM-L6-v2), fusion, gating, CLI."""
 
 import json
-import time
 
 import pytest
 from django.core.management import call_command
@@ -57,17 +56,6 @@ def test_text_written_in_a_language_is_weak_evidence_for_its_expert():
 
 def test_vague_query_has_no_confident_keyword():
     assert keyword.route("Bu konuyu açıklar mısın?").confidence < 0.85
-
-
-def test_keyword_routing_takes_under_a_millisecond():
-    query = "Diyabet hastalarında insülin direnci nasıl tedavi edilir?"
-    keyword.route(query)
-    times = []
-    for _ in range(50):
-        started = time.perf_counter()
-        keyword.route(query)
-        times.append(time.perf_counter() - started)
-    assert sorted(times)[25] < 0.001
 
 
 # --- stage 2: semantic ----------------------------------------------------------------------------

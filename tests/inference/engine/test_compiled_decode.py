@@ -205,28 +205,42 @@ def test_adapters_loaded_after_compiling_decode_through_the_same_graphs(compiled
         engine.model.compiled_decode = graph
 
 
-def test_a_mixture_whose_ranks_sum_past_the_graph_width_decodes_eagerly(compiled_engines, tmp_path):
-    """The graph takes mixtures whose ranks sum to at most compile_decode's mixture_rank (24): r=21
-    alone and r=4 alone take it, r=21 + r=4 runs eagerly, all with the eager tokens."""
+def test_the_graph_takes_every_mixture_width_up_to_its_most_and_wider_ones_decode_eagerly(compiled_engines, tmp_path):
+    """The mixture's width (its ranks summed per projection, rounded up to a multiple of 8) is a
+    symbol of the graph: r=4 alone (width 8), r=21 alone (24), r=21 + r=4 (32) take the one graph
+    built at width 24; r=21 + r=45 (72) is over compile_decode's most (64) and runs eagerly; all
+    with the eager tokens, no new graph."""
     path, engines = compiled_engines
     engine, graph = engines[None]
-    assert engine.model.compiled_mixture_rank == 24
+    assert engine.model.compiled_mixture_rank == 64
     make_peft_adapter(path, tmp_path / "wide", seed=5, r=21, targets=("q_proj", "o_proj", "gate_proj"))
     make_peft_adapter(path, tmp_path / "narrow", seed=6, r=4, targets=("q_proj", "down_proj"))
-    engine.load_adapter("wide", tmp_path / "wide")
-    engine.load_adapter("narrow", tmp_path / "narrow")
+    make_peft_adapter(path, tmp_path / "wider", seed=7, r=45, targets=("o_proj", "up_proj"))
+    for name in ("wide", "narrow", "wider"):
+        engine.load_adapter(name, tmp_path / name)
     before = graphs()
     try:
-        for mixture, graph_steps in (({"wide": 1.0}, 4), ({"wide": 0.5, "narrow": 0.5}, 0), ({"narrow": 1.0}, 4)):
+        for mixture, width, graph_steps in (({"narrow": 1.0}, 8, 4), ({"wide": 1.0}, 24, 4),
+                                            ({"wide": 0.5, "narrow": 0.5}, 32, 4), ({"wide": 0.5, "wider": 0.5}, 72, 0)):
+            if width <= 64:
+                lowrank = graph_lowrank(engine.model, engine.mixture_matrix([Sequence([1], mixture=mixture)]))
+                assert lowrank[0][0].shape[1] == 3 * width  # q|k|v's A: three projections of `width` ranks
             spy = CountCalls(graph)
             mixtures = [mixture, None, None]
             got = decode(engine, PROMPTS, (9, 3, 5), mixtures=mixtures, compiled=spy)
             assert spy.calls == graph_steps  # the 4 steps the first sequence decodes alone
             assert got == decode(engine, PROMPTS, (9, 3, 5), mixtures=mixtures, compiled=None)
+        # A batch's adapters together: widths 32 and 72 (at most 128) take the one batch graph.
+        for mixtures in ([{"wide": 1.0}, {"narrow": 1.0}, {"wide": 0.5, "narrow": 0.5}],
+                         [{"wide": 1.0}, {"wider": 1.0}, None]):
+            spy = CountCalls(engine.model.compiled_rows)
+            got = decode(engine, PROMPTS, (6, 6, 6), mixtures=mixtures, compiled=graph, rows=spy)
+            assert spy.calls == 5
+            assert got == decode(engine, PROMPTS, (6, 6, 6), mixtures=mixtures)
         assert graphs() == before
     finally:
-        engine.unload_adapter("wide")
-        engine.unload_adapter("narrow")
+        for name in ("wide", "narrow", "wider"):
+            engine.unload_adapter(name)
         engine.model.compiled_decode = graph
 
 
@@ -239,7 +253,7 @@ def test_compiled_batches_give_the_eager_tokens_for_runs_of_slots_and_fall_back_
     path, engines = compiled_engines
     engine, graph = engines[quant]
     rows = engine.model.compiled_rows
-    assert rows is not None and engine.model.compiled_rows_rank == 48
+    assert rows is not None and engine.model.compiled_rows_rank == 128
     make_peft_adapter(path, tmp_path / "a", seed=1, r=4, targets=("q_proj", "v_proj", "down_proj"))
     make_peft_adapter(path, tmp_path / "b", seed=2, r=2, targets=("k_proj", "o_proj", "up_proj", "gate_proj"))
     engine.load_adapter("a", tmp_path / "a")
