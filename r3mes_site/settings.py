@@ -306,12 +306,14 @@ R3MES_DEVICE = env_str("R3MES_DEVICE", "auto")
 R3MES_QUANT = env_str("R3MES_QUANT", "int4")
 if R3MES_QUANT not in ("none", "int8", "int4"):
     fail("R3MES_QUANT", f"must be none, int8 or int4, got {R3MES_QUANT!r}")
-# Compile the single-sequence decode step at worker start (torch.compile/Inductor, ~1.6x eager
-# decode; first start ~2-3 min more, ~30 s once Inductor's cache under R3MES_DATA_DIR is warm).
+# Compile the decode steps (a lone sequence, a batch in a run of KV slots) in the background once
+# the worker serves (torch.compile/Inductor, ~1.6x eager decode; ~10-13 min on a cold Inductor
+# cache under R3MES_DATA_DIR, 1.5-2.5 min warm; requests decode eagerly meanwhile).
 R3MES_COMPILE = env_bool("R3MES_COMPILE", True)
-# ...with adapter mixtures whose ranks sum to at most this per projection in the graph too (24:
-# three r=8 experts, the router's most; ~1.8x eager mixture decode); 0: mixtures decode eagerly
-# and the start compiles two graphs instead of four.
+# ...with adapter mixtures whose ranks sum to at most this per projection in the graphs too (a
+# batch's adapters together: twice this); the width is a symbol of the graphs, so a narrower
+# mixture reads only its own factors; 0: mixtures decode eagerly and the start compiles half the
+# graphs.
 R3MES_COMPILE_MIXTURE_RANK = env_int("R3MES_COMPILE_MIXTURE_RANK", 64, minimum=0)
 R3MES_WORKER_PING_TIMEOUT = env_float("R3MES_WORKER_PING_TIMEOUT", 2.0, minimum=0.1)
 R3MES_TORCH_THREADS = env_int("R3MES_TORCH_THREADS", 0, minimum=0)

@@ -32,7 +32,8 @@ SERIAL_LOOP_ELEMENTS = 1 << 22
 # The KV position the compile warm-up steps write (and restore) in slots 0 to 2.
 WARM_POSITION = 1
 # The mixture width (ranks per projection) of the warm-up steps: the graphs take every width as a
-# symbol (dora.decode_lowrank), so any value that no other size of the step shares.
+# symbol (dora.decode_lowrank), so any value will do that no other size of the step shares (dynamo
+# would make the two one symbol).
 WARM_WIDTH = 24
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -229,8 +230,8 @@ class Engine:
         a batch's whose adapters' ranks together sum to at most twice that, passed in as tensors
         whose width (the ranks summed, dora.decode_lowrank) is a symbol of the graph: a lone r=8
         expert reads a third of the factor bytes of three; wider mixtures, batches in scattered
-        slots and live training run the eager forward. In the
-        quantised modes the mixtures' factors are bfloat16 (accumulated in float32, g in float32).
+        slots and live training run the eager forward. In the quantised modes the mixtures'
+        factors are bfloat16 (accumulated in float32, g in float32).
         Should a call still need a recompile, it runs eagerly instead of stalling a request
         (generate.decode_one_token). The seven projections of every layer are wrapped for DoRA now,
         so loading adapters later does not change what the graphs were built on. The first compile
@@ -296,18 +297,23 @@ class Engine:
                     mixture_rank = rows_rank = 0
                 else:
                     # The mixture's width is a symbol of the graph (mark_dynamic: compiling fails
-                    # rather than specialise it); a batch's size is left to dynamo (a symbol, but
-                    # a KV cache of two slots fixes it at 2); every other size is fixed.
-                    for group, rows in [(group, False) for group in zeros] + [(group, True) for group in zeros_rows]:
-                        A, Bs, g = group[:3]
-                        for t, width_dim, batch_dim in [(A, 1, None), *[(B, 2, None) for B in Bs],
-                                                        (g, None, 1 if rows else None),
-                                                        *([(group[3], 2, 1)] if rows else [])]:
-                            for dim in range(t.dim()):
-                                if dim == width_dim:
-                                    torch._dynamo.mark_dynamic(t, dim)
-                                elif dim != batch_dim:
-                                    torch._dynamo.mark_static(t, dim)
+                    # rather than specialise it); a batch's size (dim 1 of its g and w) is left to
+                    # dynamo (a symbol, but a KV cache of two slots fixes it at 2); every other
+                    # size is fixed.
+                    def mark(t, width_dim=None, batch_dim=None):
+                        for dim in range(t.dim()):
+                            if dim == width_dim:
+                                torch._dynamo.mark_dynamic(t, dim)
+                            elif dim != batch_dim:
+                                torch._dynamo.mark_static(t, dim)
+
+                    for A, Bs, g, *w in zeros + zeros_rows:  # w: a batch's per-row weights
+                        mark(A, width_dim=1)
+                        for B in Bs:
+                            mark(B, width_dim=2)
+                        mark(g, batch_dim=1 if w else None)
+                        if w:
+                            mark(w[0], width_dim=2, batch_dim=1)
                     warmups += [(fn, args, zeros if fn is compiled else zeros_rows) for fn, args in calls]
             try:
                 for fn, args, lowrank in warmups:

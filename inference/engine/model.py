@@ -319,8 +319,8 @@ class Transformer(nn.Module):
     def decode_one(self, tokens: torch.Tensor, slot_plus_2: int, length_plus_2: int, lowrank=None) -> torch.Tensor:
         """One decode step of ONE sequence: tokens [1, 1] at position `length - 1` of KV slot
         `slot` -> logits [1, 1, V], with the adapter mixture given as `lowrank` (tensors whose
-        width, the mixture's ranks summed, is a symbol of the graph, dora.decode_lowrank) or none. What `forward` computes
-        for that case, written for torch.compile (Engine.compile_decode): no tensor is read back
+        width, the mixture's ranks summed, is a symbol of the graph: dora.decode_lowrank) or none.
+        What `forward` computes for that case, written for torch.compile (Engine.compile_decode): no tensor is read back
         into Python, the slot and length are plain ints that become symbols of one dynamic graph.
         The ints arrive plus 2 because the compiler specialises the values 0 and 1 (a recompile
         each) and a step can have slot 0 or 1.
