@@ -6,7 +6,8 @@ reference's tokens, then the compiled speed.
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/compile_background.py [--cache-dir var/models]
 
-(an empty Inductor cache: the cold first start; with a warm one the compile takes seconds)
+(an empty Inductor cache: the cold first start, ~13 minutes; run it again with the same directory
+for a later start, ~90 s, most of it dynamo's trace, which no cache keeps)
 """
 import argparse
 import statistics
@@ -31,18 +32,22 @@ MIX = {"a": 0.5, "b": 0.3, "c": 0.2}
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--max-seq-len", type=int, default=2048,
+                        help="the KV cache length (the worker's R3MES_MAX_SEQ_LEN: its Inductor cache then serves)")
     args = parser.parse_args()
     engine = Engine.load(quant="int4", cache_dir=args.cache_dir)
     add_random_adapters(engine)
     prompt = engine.tokenize(engine.render([{"role": "user", "content": "Write a short story about a lighthouse keeper."}]))
-    batch = engine.new_batch(max_batch=8, max_seq_len=1024)
+    batch = engine.new_batch(max_batch=8, max_seq_len=args.max_seq_len)
 
     def run(mixture, n=32):
+        added = time.perf_counter()
         seq = batch.add(Sequence(list(prompt), SamplingParams(max_tokens=n, ignore_eos=True), mixture=mixture))
         batch.step()
         started = time.perf_counter()
         while len(batch):
             batch.step()
+        run.wall = time.perf_counter() - added  # prefill included
         return seq.output_ids, (n - 1) / (time.perf_counter() - started)
 
     reference = {False: run(None)[0], True: run(MIX)[0]}
@@ -58,9 +63,9 @@ def main():
     compiler.start()
     while not long_seq.finished:
         batch.step()
-    print("400-token sequence started before the compile gives the eager tokens:",
+    print(f"400-token sequence started before the compile: {time.perf_counter() - started:.1f} s, eager tokens:",
           long_seq.output_ids == long_reference, "(compile still running:", compiler.is_alive(), ")")
-    speeds, differ, n = [], [], 0
+    speeds, walls, differ, n = [], [], [], 0
     while compiler.is_alive():
         mixed = n % 2 == 1
         graphs_before = engine.model.compiled_decode is not None
@@ -68,12 +73,14 @@ def main():
         n += 1
         if not graphs_before and engine.model.compiled_decode is None:
             speeds.append(tok_s)
+            walls.append(run.wall)
         if ids != reference[mixed]:
             differ.append((n, mixed, graphs_before, engine.model.compiled_decode is not None))
     compiler.join()
     print(f"compile_decode: {result.get('ok')} in {time.perf_counter() - started:.1f} s; {n} requests during it")
     if speeds:
-        print(f"eager decode during the compile: median {statistics.median(speeds):.1f} tok/s")
+        print(f"eager decode during the compile: median {statistics.median(speeds):.1f} tok/s, slowest "
+              f"{min(speeds):.1f} tok/s; the longest request took {max(walls):.1f} s with its prefill")
     print("requests whose tokens differ from the eager reference (n, mixture, graphs in at start, at end):", differ)
     for mixed in (False, True):
         ids, tok_s = run(MIX if mixed else None)

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch._inductor import config as inductor_config
-from torch._inductor.compile_fx import compile_fx
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
 from . import dora, triton_kernels
 from .errors import AdapterError, ContextLengthExceeded, EngineError
@@ -56,6 +56,16 @@ def _resolve_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("device 'cuda' requested but CUDA is not available")
     return device
+
+
+@contextlib.contextmanager
+def compiling(model):
+    """Transformer.compiling while compile_decode runs (Batch.step decodes on one thread meanwhile)."""
+    model.compiling = True
+    try:
+        yield
+    finally:
+        model.compiling = False
 
 
 class Engine:
@@ -219,9 +229,9 @@ class Engine:
         adapter mixture's, fuse into a few C++ kernels; about 1.6x eager int4 decode for a lone
         sequence here, benchmarks/RESULTS.md). Call it after the batch that will serve exists
         (`new_batch`): the graphs are built for that KV cache, and a larger cache later drops them
-        (eager again). Sequences may run meanwhile: they decode eagerly while Inductor compiles
-        (the engine lock is held only while dynamo traces and while a warm-up step runs), and the
-        KV entries that the warm-up steps write are put back.
+        (eager again). Sequences may run meanwhile: they decode eagerly while dynamo traces and
+        Inductor compiles (the engine lock is held only while a warm-up step runs), and the KV
+        entries that the warm-up steps write are put back.
 
         Graphs for a lone sequence (Transformer.decode_one; slot 0, other slots) serve every slot
         and length; graphs for a batch in one ascending run of slots (decode_rows; from slot 0, from
@@ -247,22 +257,64 @@ class Engine:
             log.info("compile_decode: only fused dense models compile; staying eager")
             return False
         started = time.monotonic()
+        # Pin this thread's intra-op thread count (the graphs are built for it and guard on it):
+        # ATen takes a new thread's from the last set_num_threads, which Batch.step changes while
+        # the model is compiling.
+        torch.get_num_threads()
         # The quantised modes take their activations in bfloat16 already (the int4/int8 kernels):
         # their low-rank factors too, which halves the bytes the mixture reads per token.
         factor_dtype = torch.bfloat16 if quantised(model) else model.model.embed_tokens.weight.dtype
         warm_slots = list(range(min(3, model.max_batch)))  # the KV slots the warm-up steps write
-        kv_snapshot = []
+        held = []  # the KV entries the backend saved when it took the engine lock for a warm-up step
 
         def backend(gm, example_inputs):
-            # Dynamo has traced the step under the engine lock (it reads the model's Python state);
-            # Inductor's lowering and C++ build, minutes on a cold cache, need only the traced
-            # graph: sequences decode eagerly meanwhile (Batch.step takes the lock per step).
-            self.lock.release()
+            # Dynamo traced the step without the engine lock (the graphs read no Python state that
+            # eager steps change: Transformer.decode_one). AOT autograd's trace (make_fx) runs under
+            # it: while it runs, torch.fx patches nn.Module.__call__ for every thread, and an eager
+            # step would go through its tracer (seconds per step, and a failed trace). Inductor's
+            # lowering and C++ build, minutes on a cold cache, run without it (inner_compile):
+            # sequences decode eagerly meanwhile (Batch.step takes the lock per step). The
+            # graph's first run, the warm-up step, writes one KV position of slots running
+            # sequences may own: it runs under the lock too, and what it overwrites is put back
+            # (warm_up).
+            def inner_compile(*args, **kwargs):
+                self.lock.release()
+                try:
+                    return compile_fx_inner(*args, **kwargs)
+                finally:
+                    self.lock.acquire()
+
+            self.lock.acquire()
             try:
-                return compile_fx(gm, example_inputs, config_patches=COMPILE_OPTIONS)
+                compiled_graph = compile_fx(gm, example_inputs, inner_compile=inner_compile,
+                                            config_patches=COMPILE_OPTIONS)
+                held.append(model.kv_entries(warm_slots, WARM_POSITION))
+            except BaseException:
+                self.lock.release()
+                raise
+            return compiled_graph
+
+        def warm_up(fn, args, lowrank):
+            # A call that a graph built already takes runs that graph under the lock (the stance
+            # raises, before any step, when it would compile); one that needs a new graph is traced
+            # without the lock, and the backend takes it for the step.
+            with self.lock:
+                entries = model.kv_entries(warm_slots, WARM_POSITION)
+                try:
+                    with torch.compiler.set_stance("fail_on_recompile"):
+                        fn(*args, lowrank)
+                    return
+                except RuntimeError as exc:
+                    if "fail_on_recompile" not in str(exc):
+                        raise
+                finally:
+                    model.restore_kv_entries(warm_slots, WARM_POSITION, entries)
+            try:
+                fn(*args, lowrank)
             finally:
-                self.lock.acquire()
-                kv_snapshot[:] = model.kv_entries(warm_slots, WARM_POSITION)  # the steps since wrote KV
+                if held:
+                    model.restore_kv_entries(warm_slots, WARM_POSITION, held.pop())
+                    self.lock.release()
 
         compiled = torch.compile(model.decode_one, backend=backend, dynamic=True, fullgraph=True)
         rows_compiled = torch.compile(model.decode_rows, backend=backend, dynamic=True, fullgraph=True)
@@ -270,12 +322,16 @@ class Engine:
         # Up to four graphs per code object (Transformer.decode_one, decode_rows): a process with
         # several engines (tests, benchmarks) needs more than dynamo's default 8 per code object.
         limit = max(64, torch._dynamo.config.recompile_limit)
-        with self.lock, torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=limit):
-            # inference_mode as Batch.step runs it (the graph guards on that)
-            cache = model.model.layers[0].self_attn.kv_cache
-            for path in dora.linear_paths(model):
-                if path.rsplit(".", 1)[-1] in dora.DEFAULT_TARGETS:
-                    dora.wrap_module(model, path)
+        # inference_mode as Batch.step runs it (the graph guards on that). specialize_float: a float
+        # the step computes would otherwise fail AOT autograd's pass that turns it into a tensor,
+        # and dynamo would trace that graph again (two graphs of each kind, ~20 s each).
+        with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=limit, specialize_float=True), \
+                compiling(model):
+            with self.lock:
+                cache = model.model.layers[0].self_attn.kv_cache
+                for path in dora.linear_paths(model):
+                    if path.rsplit(".", 1)[-1] in dora.DEFAULT_TARGETS:
+                        dora.wrap_module(model, path)
             # Inductor specialises slot 0 (its cache view starts at offset 0) against the other
             # slots (a guard seen with TORCH_LOGS=recompiles): build both now, not mid-request.
             # (A context filled to its very last position would need one more graph: that one step
@@ -290,8 +346,9 @@ class Engine:
                           for start in sorted({0, min(1, model.max_batch - 2)})]
             warmups = [(fn, args, None) for fn, args in calls]
             if mixture_rank > 0:
-                zeros = dora.decode_lowrank(model, WARM_WIDTH, factor_dtype, zeros=True)
-                zeros_rows = dora.decode_lowrank(model, WARM_WIDTH, factor_dtype, zeros=True, rows=2)
+                with self.lock:
+                    zeros = dora.decode_lowrank(model, WARM_WIDTH, factor_dtype, zeros=True)
+                    zeros_rows = dora.decode_lowrank(model, WARM_WIDTH, factor_dtype, zeros=True, rows=2)
                 if zeros is None:  # e.g. biased projections (Qwen-style): their mixtures combine per projection
                     log.info("compile_decode: this model's mixtures cannot enter the graph; they decode eagerly")
                     mixture_rank = rows_rank = 0
@@ -322,25 +379,21 @@ class Engine:
                     # OpenMP fork and barriers each (benchmarks/RESULTS.md, fifth session).
                     with (inductor_config.patch({"cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS}) if lowrank is not None
                           else contextlib.nullcontext()):
-                        # Each warm-up step writes one KV position of slots that running sequences
-                        # may own: put back what was there.
-                        kv_snapshot[:] = model.kv_entries(warm_slots, WARM_POSITION)
-                        try:
-                            fn(*args, lowrank)
-                        finally:
-                            model.restore_kv_entries(warm_slots, WARM_POSITION, kv_snapshot)
+                        warm_up(fn, args, lowrank)
             except Exception as exc:  # Inductor needs a working C++ toolchain; eager still serves
                 log.warning("compile_decode failed, decoding eagerly: %s: %s", type(exc).__name__, exc)
                 return False
-            if model.model.layers[0].self_attn.kv_cache is not cache:
-                # A larger batch replaced the KV cache while Inductor compiled (setup_caches).
-                log.warning("compile_decode: the KV cache changed while compiling; decoding eagerly")
-                return False
-            model.compiled_decode = compiled
-            model.compiled_mixture_rank = mixture_rank
-            model.compiled_mixture_dtype = factor_dtype
-            model.compiled_rows = rows_compiled if model.max_batch > 1 else None
-            model.compiled_rows_rank = rows_rank
+            with self.lock:
+                model.compiling = False  # with the graphs, in one go: they need the step's full thread count
+                if model.model.layers[0].self_attn.kv_cache is not cache:
+                    # A larger batch replaced the KV cache while compiling (setup_caches).
+                    log.warning("compile_decode: the KV cache changed while compiling; decoding eagerly")
+                    return False
+                model.compiled_decode = compiled
+                model.compiled_mixture_rank = mixture_rank
+                model.compiled_mixture_dtype = factor_dtype
+                model.compiled_rows = rows_compiled if model.max_batch > 1 else None
+                model.compiled_rows_rank = rows_rank
         log.info("decode graph compiled in %.1f s", time.monotonic() - started)
         return True
 

@@ -6,6 +6,7 @@ token callback. `Batch` is what the inference worker drives: sequences join with
 parameters and adapter mixture), and finished sequences leave and free their KV slot.
 """
 
+import contextlib
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -102,6 +103,23 @@ def prefill(model, tokens: torch.Tensor, slot: int, mixture: torch.Tensor | None
     slots = torch.tensor([slot], device=tokens.device)
     mix = None if mixture is None else mixture[None]
     return model(tokens[None], input_pos=input_pos, slots=slots, mixture=mix, last_only=True)[0, -1]
+
+
+@contextlib.contextmanager
+def one_thread_while_compiling(model):
+    """While Engine.compile_decode runs, dynamo's trace keeps a core busy: a step on two intra-op
+    threads then waits, at every parallel op's barrier, for the thread that shares the tracer's
+    core (during a warm-cache compile, 2.4 tok/s eager on two threads, ~37 on one;
+    benchmarks/RESULTS.md, eighth session)."""
+    if not model.compiling:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor,
@@ -300,7 +318,7 @@ class Batch:
 
     def step(self) -> list[StepOutput]:
         """Admit waiting sequences (prefill), then decode one token for the others."""
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), one_thread_while_compiling(self.model):
             return self._step()
 
     def _step(self) -> list[StepOutput]:

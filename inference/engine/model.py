@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bitlinear import BitLinear
-from .dora import add_lowrank, combine_group
+from .dora import DoraLinear, add_lowrank, combine_group
 
 
 @dataclass
@@ -88,6 +88,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+# The compiled decode step's layers without a mixture: groups q|k|v, o, gate|up, down each None.
+NO_LOWRANK = (None, None, None, None)
+
+
+def backbone(proj: nn.Module) -> nn.Module:
+    """A projection without its DoRA wrapper: the compiled decode step takes the mixture as tensors
+    and never reads the adapter context, which eager steps in other threads change."""
+    return proj.base_layer if isinstance(proj, DoraLinear) else proj
 
 
 class KVCache(nn.Module):
@@ -179,8 +189,8 @@ class Attention(nn.Module):
         self.mix_plan = None  # the q|k|v group's cached DoRA mixture plan (dora.mixture_plan)
 
     def forward(self, x, cos, sin, mask=None, slots=None, input_pos=None, kv_len=0, plan=None, lowrank=None):
-        """`lowrank`: the q|k|v and o groups of the mixture in the compiled decode step's form
-        (dora.decode_lowrank), instead of the adapter context's."""
+        """`lowrank`: the compiled decode step's q|k|v and o groups of the mixture
+        (dora.decode_lowrank; a group None: the backbone alone) instead of the adapter context's."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_proj is not None:
@@ -188,7 +198,7 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)  # [B, T, (H + 2 Hkv) hd]; adapters add to its rows:
             if lowrank is None:
                 qkv = combine_group((self.q_proj, self.k_proj, self.v_proj), x, qkv, self)
-            else:
+            elif lowrank[0] is not None:
                 qkv = add_lowrank(x, qkv, *lowrank[0])
             qkv = qkv.view(B, T, H + 2 * Hkv, hd)
             qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H+Hkv, T, hd]
@@ -211,7 +221,8 @@ class Attention(nn.Module):
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
         if lowrank is not None:
-            return add_lowrank(y, self.o_proj.base_layer(y), *lowrank[1])
+            out = backbone(self.o_proj)(y)
+            return out if lowrank[1] is None else add_lowrank(y, out, *lowrank[1])
         return self.o_proj(y)
 
 
@@ -231,12 +242,15 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             if lowrank is None:
                 gate_up = combine_group((self.gate_proj, self.up_proj), x, self.gate_up_proj(x), self)
-            else:
+            elif lowrank[0] is not None:
                 gate_up = add_lowrank(x, self.gate_up_proj(x), *lowrank[0])
+            else:
+                gate_up = self.gate_up_proj(x)
             gate, up = gate_up.chunk(2, dim=-1)
             h = self.ffn_sub_norm(F.relu(gate).square() * up) if self.bitnet else F.silu(gate) * up
             if lowrank is not None:
-                return add_lowrank(h, self.down_proj.base_layer(h), *lowrank[1])
+                out = backbone(self.down_proj)(h)
+                return out if lowrank[1] is None else add_lowrank(h, out, *lowrank[1])
             return self.down_proj(h)
         if self.bitnet:
             h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)  # [B, T, hidden]
@@ -284,6 +298,7 @@ class Transformer(nn.Module):
         self.max_batch = 0
         self.cache_len = 0
         self.compiled_decode = None  # torch.compile'd decode_one, set by Engine.compile_decode()
+        self.compiling = False  # while Engine.compile_decode runs
         self.compiled_mixture_rank = 0  # the rank sum its mixture graphs take (0: none)
         self.compiled_mixture_dtype = torch.float32  # their low-rank factors' dtype
         self.compiled_rows = None  # torch.compile'd decode_rows (batches in contiguous slots)
@@ -331,7 +346,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(input_pos, x.dtype)
         plan = StepPlan.single(slot, length - 1)
         for i, layer in enumerate(self.model.layers):
-            layer_lowrank = None if lowrank is None else [(A[i], [B[i] for B in Bs], g[i]) for A, Bs, g in lowrank]
+            layer_lowrank = NO_LOWRANK if lowrank is None else [(A[i], [B[i] for B in Bs], g[i]) for A, Bs, g in lowrank]
             x = layer(x, cos, sin, None, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 
@@ -349,7 +364,8 @@ class Transformer(nn.Module):
         key_pos = torch.arange(length, device=tokens.device)
         mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, length]
         for i, layer in enumerate(self.model.layers):
-            layer_lowrank = None if lowrank is None else [(A[i], [B[i] for B in Bs], g[i], w[i]) for A, Bs, g, w in lowrank]
+            layer_lowrank = (NO_LOWRANK if lowrank is None
+                             else [(A[i], [B[i] for B in Bs], g[i], w[i]) for A, Bs, g, w in lowrank])
             x = layer(x, cos, sin, mask, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 

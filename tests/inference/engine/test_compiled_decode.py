@@ -348,48 +348,71 @@ def test_compile_failure_leaves_the_engine_decoding_eagerly(compiled_engines):
     assert len(list(engine.generate("hi", max_tokens=3, ignore_eos=True))) >= 1
 
 
-def test_sequences_decode_eagerly_while_the_graphs_compile_and_keep_their_kv_cache(compiled_engines, monkeypatch):
-    """The worker compiles behind a serving scheduler: a sequence in slot 0 (the warm-up steps
-    write a KV position of slots 0 and 1) decodes while Inductor builds the graphs, then through
-    them, and gives the eager tokens. Inductor's compile is wrapped only to hold it until the
-    sequence has stepped, so that the steps surely fall inside it."""
+def test_sequences_decode_while_the_graphs_compile_and_the_graphs_never_read_the_adapter_context(
+        compiled_engines, tmp_path, monkeypatch):
+    """Dynamo traces the steps without the engine lock (on a warm Inductor cache tracing is most of
+    the compile): two sequences, in slots 0 and 1 whose KV position 1 the warm-up steps write (and
+    put back), step while the first trace is held at its start. Every trace then runs with the
+    adapter context as an eager mixture step in another thread leaves it mid-forward; the graphs
+    read none of it: a mixture sequence and a plain one, first batched, then the plain one alone,
+    give the eager tokens through the graphs (counted as they run: a graph whose guards fail would
+    run the step eagerly). The dynamo start callback only holds the trace; Inductor's compile is
+    wrapped only to count the graphs' runs."""
     import threading
 
     from inference.engine import engine as engine_module
 
+    runs = []
+    real_compile_fx = engine_module.compile_fx
+
+    def counted_compile_fx(*args, **kwargs):
+        graph = real_compile_fx(*args, **kwargs)
+
+        def run(*inputs):
+            runs.append(1)
+            return graph(*inputs)
+
+        return run
+
+    monkeypatch.setattr(engine_module, "compile_fx", counted_compile_fx)
     path, _ = compiled_engines
     engine = Engine.load(path)
     engine.new_batch(max_batch=3, max_seq_len=64)
-    reference = decode(engine, PROMPTS, (20, 1, 1))[0]
-    compiling, stepped = threading.Event(), threading.Event()
-    real_compile_fx = engine_module.compile_fx
-
-    def held_compile_fx(*args, **kwargs):
-        compiling.set()
-        assert stepped.wait(60)
-        return real_compile_fx(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "compile_fx", held_compile_fx)
-    batch = engine.new_batch(max_batch=3, max_seq_len=64)
-    seq = batch.add(Sequence(list(PROMPTS[0]), SamplingParams(max_tokens=20, ignore_eos=True)))
-    batch.step()  # the prompt is in slot 0's cache, the warm-up position among it
-    assert seq.slot == 0
-    result = []
-    compiler = threading.Thread(target=lambda: result.append(engine.compile_decode()))
-    compiler.start()
-    assert compiling.wait(60)
-    for _ in range(5):
-        batch.step()  # the engine lock is free while Inductor compiles
-    assert len(seq.output_ids) == 6 and compiler.is_alive()
-    stepped.set()
-    compiler.join(300)
-    assert result == [True]
-    spy = CountCalls(engine.model.compiled_decode)
-    engine.model.compiled_decode = spy
-    while len(batch):
+    mix = [{"a": 0.6, "b": 0.4}, None, None]
+    with two_adapters(engine, path, tmp_path):
+        reference = decode(engine, PROMPTS, (12, 20, 1), mixtures=mix)
+        ctx = engine.model.adapter_context
+        batch = engine.new_batch(max_batch=3, max_seq_len=64)
+        seqs = [batch.add(Sequence(list(ids), SamplingParams(max_tokens=n, ignore_eos=True), mixture=m))
+                for ids, n, m in zip(PROMPTS[:2], (12, 20), mix)]
         batch.step()
-    assert spy.calls == 14  # the rest went through the graphs
-    assert seq.output_ids == reference
+        tracing, stepped, result = threading.Event(), threading.Event(), []
+        compiler = threading.Thread(target=lambda: result.append(engine.compile_decode()))
+
+        def hold_trace(args):
+            if threading.current_thread() is compiler:
+                tracing.set()
+                assert stepped.wait(60)
+                ctx.set_mixture(torch.tensor([[0.6, 0.4]]))  # mid-forward state of an eager mixture step
+
+        torch._dynamo.callback_handler.register_start_callback(hold_trace)
+        try:
+            compiler.start()
+            assert tracing.wait(60)
+            for _ in range(5):
+                batch.step()  # the engine lock is free while dynamo traces
+            assert [len(s.output_ids) for s in seqs] == [6, 6] and compiler.is_alive()
+            stepped.set()
+            compiler.join(300)
+        finally:
+            torch._dynamo.callback_handler.remove_start_callback(hold_trace)
+            ctx.set_mixture(None)
+        assert result == [True]
+        runs.clear()
+        while len(batch):
+            batch.step()
+        assert len(runs) == 6 + 8  # every later step ran a graph: 6 batched, 8 alone
+        assert [s.output_ids for s in seqs] == reference[:2]
 
 
 def test_a_model_with_biased_projections_compiles_without_mixture_graphs(tmp_path):
