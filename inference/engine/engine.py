@@ -229,9 +229,10 @@ class Engine:
         adapter mixture's, fuse into a few C++ kernels; about 1.6x eager int4 decode for a lone
         sequence here, benchmarks/RESULTS.md). Call it after the batch that will serve exists
         (`new_batch`): the graphs are built for that KV cache, and a larger cache later drops them
-        (eager again). Sequences may run meanwhile: they decode eagerly while dynamo traces and
-        Inductor compiles (the engine lock is held only while a warm-up step runs), and the KV
-        entries that the warm-up steps write are put back.
+        (eager again). Sequences may run meanwhile: they decode eagerly, on one intra-op thread,
+        while dynamo traces and Inductor compiles (the engine lock is held only while AOT autograd
+        traces and while a warm-up step runs), and the KV entries that the warm-up steps write are
+        put back.
 
         Graphs for a lone sequence (Transformer.decode_one; slot 0, other slots) serve every slot
         and length; graphs for a batch in one ascending run of slots (decode_rows; from slot 0, from
@@ -322,9 +323,9 @@ class Engine:
         # Up to four graphs per code object (Transformer.decode_one, decode_rows): a process with
         # several engines (tests, benchmarks) needs more than dynamo's default 8 per code object.
         limit = max(64, torch._dynamo.config.recompile_limit)
-        # inference_mode as Batch.step runs it (the graph guards on that). specialize_float: a float
-        # the step computes would otherwise fail AOT autograd's pass that turns it into a tensor,
-        # and dynamo would trace that graph again (two graphs of each kind, ~20 s each).
+        # inference_mode as Batch.step runs it (the graph guards on that). specialize_float: else
+        # the first graph of each step kind fails AOT autograd's pass that turns a float scalar into
+        # a tensor, and dynamo traces it again (10-20 s lost per graph, benchmarks/RESULTS.md).
         with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=limit, specialize_float=True), \
                 compiling(model):
             with self.lock:
