@@ -356,7 +356,7 @@ def test_sequences_decode_while_the_graphs_compile_and_the_graphs_never_read_the
     adapter context as an eager mixture step in another thread leaves it mid-forward; the graphs
     read none of it: a mixture sequence and a plain one, first batched, then the plain one alone,
     give the eager tokens through the graphs (counted as they run: a graph whose guards fail would
-    run the step eagerly). The dynamo start callback only holds the trace; Inductor's compile is
+    run the step eagerly). The steps taken while the graphs compile run on one intra-op thread. The dynamo start callback only holds the trace; Inductor's compile is
     wrapped only to count the graphs' runs."""
     import threading
 
@@ -395,13 +395,19 @@ def test_sequences_decode_while_the_graphs_compile_and_the_graphs_never_read_the
                 assert stepped.wait(60)
                 ctx.set_mixture(torch.tensor([[0.6, 0.4]]))  # mid-forward state of an eager mixture step
 
+        threads = torch.get_num_threads()
+        step_threads = []  # intra-op threads of the steps taken while the graphs compile
         torch._dynamo.callback_handler.register_start_callback(hold_trace)
         try:
             compiler.start()
             assert tracing.wait(60)
+            hook = engine.model.lm_head.register_forward_pre_hook(
+                lambda *_: step_threads.append(torch.get_num_threads()))
             for _ in range(5):
                 batch.step()  # the engine lock is free while dynamo traces
+            hook.remove()  # before the trace goes on: dynamo would trace the hook
             assert [len(s.output_ids) for s in seqs] == [6, 6] and compiler.is_alive()
+            assert step_threads == [1] * 5 and torch.get_num_threads() == threads  # one thread, then back
             stepped.set()
             compiler.join(300)
         finally:
