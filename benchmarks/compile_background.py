@@ -81,6 +81,8 @@ def main():
     if speeds:
         print(f"eager decode during the compile: median {statistics.median(speeds):.1f} tok/s, slowest "
               f"{min(speeds):.1f} tok/s; the longest request took {max(walls):.1f} s with its prefill")
+        slow = sorted(round(w, 1) for w in walls if w > 5)
+        print(f"requests that took over 5 s (a 32-token request takes ~1 s): {len(slow)} of {len(walls)}", slow)
     print("requests whose tokens differ from the eager reference (n, mixture, graphs in at start, at end):", differ)
     for mixed in (False, True):
         ids, tok_s = run(MIX if mixed else None)

@@ -178,9 +178,12 @@ class AdapterCache:
                     break
             waiting.wait()  # another thread is loading this adapter; then look again
         try:
+            from inference.engine.generate import quick_gil_while_compiling  # torch: only where it loads
+
             tier = "ram" if entry.spec is not None else "disk"
-            spec = entry.spec if tier == "ram" else self._read_disk(entry)
-            self._install(name, spec)
+            with quick_gil_while_compiling(self.engine.model):  # seconds faster beside a compile
+                spec = entry.spec if tier == "ram" else self._read_disk(entry)
+                self._install(name, spec)
             with self.lock:
                 entry.on_device = True
                 entry.device_bytes = spec_bytes(spec)

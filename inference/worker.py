@@ -118,8 +118,7 @@ def load_engine():
 def start_compiling(engine):
     """Compile the decode step (Engine.compile_decode) while the scheduler already serves: requests
     decode eagerly until the graphs are in, minutes on a cold Inductor cache, seconds on a warm one
-    (the cache lives with the data)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.DATA_DIR / "cache" / "inductor"))
+    (the cache lives with the data: use_data_dir_caches)."""
     state.compiling = True
 
     def run():
@@ -152,7 +151,16 @@ def warm_router():
         log.exception("router warm-up failed")
 
 
+def use_data_dir_caches():
+    """Inductor's compiled graphs live in the data directory ($R3MES_DATA_DIR/cache/inductor), so
+    that instances side by side keep their own and a restart finds them. Set before anything
+    imports the engine: importing torch._inductor fixes the directory (its default, under /tmp,
+    goes into the environment), and a later setdefault would change nothing."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.DATA_DIR / "cache" / "inductor"))
+
+
 def start_loading():
+    use_data_dir_caches()
     thread = threading.Thread(target=load_engine, name="engine-loader", daemon=True)
     thread.start()
     return thread

@@ -10,11 +10,11 @@ from typing import Callable, Iterator
 
 import torch
 from torch._inductor import config as inductor_config
-from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.compile_fx import compile_fx
 
 from . import dora, triton_kernels
 from .errors import AdapterError, ContextLengthExceeded, EngineError
-from .generate import Batch, SamplingParams, Sequence, generate
+from .generate import Batch, SamplingParams, Sequence, generate, quick_gil_while_compiling
 from .loaders import load_model, prepare_default_model
 from .model import Transformer
 from .bitlinear import BitLinear
@@ -144,13 +144,14 @@ class Engine:
         """Load a PEFT-format (DoRA or LoRA) adapter. Validated in full before anything changes."""
         if not name or not isinstance(name, str):
             raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
-        spec = dora.read_peft_adapter(path)
-        dora.validate_spec(self.model, spec, str(path))
-        with self.lock:
-            if name in self.adapters:
-                dora.remove_adapter(self.model, name)
-            self._install(name, spec)
-            self.adapter_paths[name] = str(path)
+        with quick_gil_while_compiling(self.model):
+            spec = dora.read_peft_adapter(path)
+            dora.validate_spec(self.model, spec, str(path))
+            with self.lock:
+                if name in self.adapters:
+                    dora.remove_adapter(self.model, name)
+                self._install(name, spec)
+                self.adapter_paths[name] = str(path)
 
     def _install(self, name: str, spec: dora.AdapterSpec) -> None:
         spec.tensors = {k: tuple(None if t is None else t.to(self.device) for t in v) for k, v in spec.tensors.items()}
@@ -230,9 +231,8 @@ class Engine:
         sequence here, benchmarks/RESULTS.md). Call it after the batch that will serve exists
         (`new_batch`): the graphs are built for that KV cache, and a larger cache later drops them
         (eager again). Sequences may run meanwhile: they decode eagerly, on one intra-op thread,
-        while dynamo traces and Inductor compiles (the engine lock is held only while AOT autograd
-        traces and while a warm-up step runs), and the KV entries that the warm-up steps write are
-        put back.
+        while dynamo and AOT autograd trace and Inductor compiles (the engine lock is held only
+        while a warm-up step runs), and the KV entries that the warm-up steps write are put back.
 
         Graphs for a lone sequence (Transformer.decode_one; slot 0, other slots) serve every slot
         and length; graphs for a batch in one ascending run of slots (decode_rows; from slot 0, from
@@ -266,39 +266,37 @@ class Engine:
         # their low-rank factors too, which halves the bytes the mixture reads per token.
         factor_dtype = torch.bfloat16 if quantised(model) else model.model.embed_tokens.weight.dtype
         warm_slots = list(range(min(3, model.max_batch)))  # the KV slots the warm-up steps write
-        held = []  # the KV entries the backend saved when it took the engine lock for a warm-up step
 
         def backend(gm, example_inputs):
-            # Dynamo traced the step without the engine lock (the graphs read no Python state that
-            # eager steps change: Transformer.decode_one). AOT autograd's trace (make_fx) runs under
-            # it: while it runs, torch.fx patches nn.Module.__call__ for every thread, and an eager
-            # step would go through its tracer (seconds per step, and a failed trace). Inductor's
-            # lowering and C++ build, minutes on a cold cache, run without it (inner_compile):
-            # sequences decode eagerly meanwhile (Batch.step takes the lock per step). The
-            # graph's first run, the warm-up step, writes one KV position of slots running
-            # sequences may own: it runs under the lock too, and what it overwrites is put back
-            # (warm_up).
-            def inner_compile(*args, **kwargs):
-                self.lock.release()
-                try:
-                    return compile_fx_inner(*args, **kwargs)
-                finally:
-                    self.lock.acquire()
+            # Dynamo's trace, AOT autograd's trace and Inductor's lowering and C++ build (minutes on
+            # a cold cache) all run without the engine lock: sequences decode eagerly meanwhile
+            # (Batch.step takes the lock per step). The graphs read no Python state that eager
+            # steps change (Transformer.decode_one). While AOT autograd traces, torch.fx patches
+            # nn.Module.__call__ and __getattr__ for every thread, but make_fx's tracer passes an
+            # eager step's calls straight through (PythonKeyTracer.call_module, .getattr; its fake
+            # and proxy modes are the tracing thread's own). The graph's first run, the warm-up
+            # step, writes one KV position of slots running sequences may own: it runs under the
+            # lock, and what it overwrites is put back.
+            compiled_graph = compile_fx(gm, example_inputs, config_patches=COMPILE_OPTIONS)
+            warm = []
 
-            self.lock.acquire()
-            try:
-                compiled_graph = compile_fx(gm, example_inputs, inner_compile=inner_compile,
-                                            config_patches=COMPILE_OPTIONS)
-                held.append(model.kv_entries(warm_slots, WARM_POSITION))
-            except BaseException:
-                self.lock.release()
-                raise
-            return compiled_graph
+            def run(*args):
+                if warm:
+                    return compiled_graph(*args)
+                warm.append(True)
+                with self.lock:
+                    entries = model.kv_entries(warm_slots, WARM_POSITION)
+                    try:
+                        return compiled_graph(*args)
+                    finally:
+                        model.restore_kv_entries(warm_slots, WARM_POSITION, entries)
+
+            return run
 
         def warm_up(fn, args, lowrank):
             # A call that a graph built already takes runs that graph under the lock (the stance
             # raises, before any step, when it would compile); one that needs a new graph is traced
-            # without the lock, and the backend takes it for the step.
+            # and compiled without the lock, and the new graph's first run takes it (backend).
             with self.lock:
                 entries = model.kv_entries(warm_slots, WARM_POSITION)
                 try:
@@ -310,12 +308,7 @@ class Engine:
                         raise
                 finally:
                     model.restore_kv_entries(warm_slots, WARM_POSITION, entries)
-            try:
-                fn(*args, lowrank)
-            finally:
-                if held:
-                    model.restore_kv_entries(warm_slots, WARM_POSITION, held.pop())
-                    self.lock.release()
+            fn(*args, lowrank)
 
         compiled = torch.compile(model.decode_one, backend=backend, dynamic=True, fullgraph=True)
         rows_compiled = torch.compile(model.decode_rows, backend=backend, dynamic=True, fullgraph=True)

@@ -8,6 +8,7 @@ parameters and adapter mixture), and finished sequences leave and free their KV 
 
 import contextlib
 import itertools
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -120,6 +121,38 @@ def one_thread_while_compiling(model):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# The GIL switch interval while an adapter loads beside the compile (Python's default: 5 ms);
+# benchmarks/RESULTS.md, ninth session.
+COMPILING_SWITCH_INTERVAL = 1e-4
+_switch_holders = [0, None]  # threads inside quick_gil_while_compiling, the interval to restore
+_switch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quick_gil_while_compiling(model):
+    """While Engine.compile_decode traces (dynamo, AOT autograd: pure Python, which keeps the GIL),
+    each torch op of this thread lets the GIL go and then waits up to the switch interval to get it
+    back. An adapter load, a run of small ops (it checks and stacks ~200 projections), took 7-14 s
+    beside a warm-cache compile against 1.7 s alone; with a 100 us interval while it runs, 1.6-4.6 s.
+    Not for decode steps: with it their median speed during the compile fell from ~45 to 3.8 tok/s.
+    The interval is the process's: the last thread out restores it."""
+    if not model.compiling:
+        yield
+        return
+    with _switch_lock:
+        if _switch_holders[0] == 0:
+            _switch_holders[1] = sys.getswitchinterval()
+            sys.setswitchinterval(COMPILING_SWITCH_INTERVAL)
+        _switch_holders[0] += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_holders[0] -= 1
+            if _switch_holders[0] == 0:
+                sys.setswitchinterval(_switch_holders[1])
 
 
 def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots: torch.Tensor,

@@ -61,6 +61,9 @@ def worker_on_own_channel(settings, db: int, data_dir: str, **env):
 
 def stack_env(data_dir, redis_url, **extra):
     env = dict(os.environ)
+    # Importing torch._inductor in this process put its default cache directory into the
+    # environment; a worker keeps its graphs in its own data directory, as under `make run`.
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.update({
         "R3MES_DATA_DIR": str(data_dir), "REDIS_URL": redis_url, "DJANGO_SETTINGS_MODULE": "r3mes_site.settings",
         "R3MES_TORCH_THREADS": "1", "R3MES_MAX_SEQ_LEN": "512", "R3MES_MAX_BATCH": "8",

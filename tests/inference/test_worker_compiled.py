@@ -52,6 +52,8 @@ def test_worker_serves_while_it_compiles_the_decode_step_then_through_the_graphs
     assert health["compiled_decode"] is True
     assert health["compiled_mixture_rank"] == 64  # expert mixtures take the graph too
     assert "decode graph compiled" in Path(compiled_worker.log_path).read_text()
+    # In the worker's data directory, where a restart finds them (not torch's default under /tmp).
+    assert any((Path(compiled_worker.env["R3MES_DATA_DIR"]) / "cache" / "inductor" / "fxgraph").iterdir())
     compiled = ask()
     assert compiled["text"] == eager["text"]  # greedy: the graphs give the eager answer
     assert compiled_worker.ping()["compiled_decode"] is True  # still compiled after serving

@@ -350,15 +350,20 @@ def test_compile_failure_leaves_the_engine_decoding_eagerly(compiled_engines):
 
 def test_sequences_decode_while_the_graphs_compile_and_the_graphs_never_read_the_adapter_context(
         compiled_engines, tmp_path, monkeypatch):
-    """Dynamo traces the steps without the engine lock (on a warm Inductor cache tracing is most of
-    the compile): two sequences, in slots 0 and 1 whose KV position 1 the warm-up steps write (and
-    put back), step while the first trace is held at its start. Every trace then runs with the
-    adapter context as an eager mixture step in another thread leaves it mid-forward; the graphs
+    """Neither dynamo's trace nor AOT autograd's takes the engine lock (on a warm Inductor cache
+    tracing is most of the compile; on a cold one AOT autograd traces for 20-40 s per graph): two
+    sequences, in slots 0 and 1 whose KV position 1 the warm-up steps write (and put back), step
+    while the first dynamo trace is held at its start, then while the first AOT trace is held at its
+    first op, with nn.Module.__call__ patched by torch.fx for every thread. Every trace runs with
+    the adapter context as an eager mixture step in another thread leaves it mid-forward; the graphs
     read none of it: a mixture sequence and a plain one, first batched, then the plain one alone,
     give the eager tokens through the graphs (counted as they run: a graph whose guards fail would
-    run the step eagerly). The steps taken while the graphs compile run on one intra-op thread. The dynamo start callback only holds the trace; Inductor's compile is
-    wrapped only to count the graphs' runs."""
+    run the step eagerly). The steps taken while the graphs compile run on one intra-op thread.
+    The dynamo start callback and the tracer's create_node only hold the traces (AOT autograd's
+    cache is off, so that it traces); Inductor's compile is wrapped only to count the graphs' runs."""
     import threading
+
+    from torch.fx.experimental import proxy_tensor
 
     from inference.engine import engine as engine_module
 
@@ -387,7 +392,13 @@ def test_sequences_decode_while_the_graphs_compile_and_the_graphs_never_read_the
                 for ids, n, m in zip(PROMPTS[:2], (12, 20), mix)]
         batch.step()
         tracing, stepped, result = threading.Event(), threading.Event(), []
-        compiler = threading.Thread(target=lambda: result.append(engine.compile_decode()))
+        aot_tracing, aot_stepped, module_call, patched = threading.Event(), threading.Event(), torch.nn.Module.__call__, []
+
+        def compile_decode():
+            torch._functorch.config.enable_autograd_cache = False  # this thread's: AOT autograd traces
+            result.append(engine.compile_decode())
+
+        compiler = threading.Thread(target=compile_decode)
 
         def hold_trace(args):
             if threading.current_thread() is compiler:
@@ -395,6 +406,16 @@ def test_sequences_decode_while_the_graphs_compile_and_the_graphs_never_read_the
                 assert stepped.wait(60)
                 ctx.set_mixture(torch.tensor([[0.6, 0.4]]))  # mid-forward state of an eager mixture step
 
+        real_create_node = proxy_tensor.PythonKeyTracer.create_node
+
+        def hold_aot_trace(tracer, kind, *args, **kwargs):
+            if threading.current_thread() is compiler and kind == "call_function" and not aot_tracing.is_set():
+                patched.append(torch.nn.Module.__call__ is not module_call)  # torch.fx's, for every thread
+                aot_tracing.set()
+                assert aot_stepped.wait(60)
+            return real_create_node(tracer, kind, *args, **kwargs)
+
+        monkeypatch.setattr(proxy_tensor.PythonKeyTracer, "create_node", hold_aot_trace)
         threads = torch.get_num_threads()
         step_threads = []  # intra-op threads of the steps taken while the graphs compile
         torch._dynamo.callback_handler.register_start_callback(hold_trace)
@@ -409,15 +430,30 @@ def test_sequences_decode_while_the_graphs_compile_and_the_graphs_never_read_the
             assert [len(s.output_ids) for s in seqs] == [6, 6] and compiler.is_alive()
             assert step_threads == [1] * 5 and torch.get_num_threads() == threads  # one thread, then back
             stepped.set()
+            assert aot_tracing.wait(120)
+            # In a thread: should AOT autograd's trace hold the lock, the steps wait until it ends.
+            hook = engine.model.lm_head.register_forward_pre_hook(
+                lambda *_: step_threads.append(torch.get_num_threads()))
+            stepper = threading.Thread(target=lambda: [batch.step() for _ in range(3)])
+            stepper.start()
+            stepper.join(60)
+            stepped_while_aot_traced = not stepper.is_alive()
+            hook.remove()
+            aot_stepped.set()
+            stepper.join(60)
+            assert stepped_while_aot_traced and patched == [True]
+            assert [len(s.output_ids) for s in seqs] == [9, 9] and step_threads == [1] * 8
             compiler.join(300)
         finally:
             torch._dynamo.callback_handler.remove_start_callback(hold_trace)
+            stepped.set()
+            aot_stepped.set()
             ctx.set_mixture(None)
         assert result == [True]
         runs.clear()
         while len(batch):
             batch.step()
-        assert len(runs) == 6 + 8  # every later step ran a graph: 6 batched, 8 alone
+        assert len(runs) == 3 + 8  # every later step ran a graph: 3 batched, 8 alone
         assert [s.output_ids for s in seqs] == reference[:2]
 
 

@@ -203,3 +203,55 @@ def test_penalties_break_a_greedy_loop(engine):
     assert plain < 0.6  # the loop this test is about (0.52 measured)
     assert distinct_4grams(repetition_penalty=1.1) > 0.9  # 1.0 measured
     assert distinct_4grams(frequency_penalty=0.5) > plain + 0.1  # 0.70 measured
+
+
+def test_adapter_loads_beside_a_compile_take_the_gil_back_quickly_and_steps_keep_the_default(
+        tiny_llama_dir, tiny_engine, tmp_path, monkeypatch):
+    """While the model compiles (Engine.compile_decode sets model.compiling; here set by hand), an
+    adapter load runs with a 100 us GIL switch interval, a step with Python's default, and the
+    process's interval is back afterwards, also when two threads overlap. validate_spec is wrapped
+    only to read the interval while the load runs."""
+    import sys
+
+    from inference.engine import dora, generate
+
+    default = sys.getswitchinterval()
+    seen = []
+    real_validate = dora.validate_spec
+    monkeypatch.setattr(dora, "validate_spec", lambda *a: (seen.append(("load", sys.getswitchinterval())),
+                                                           real_validate(*a))[1])
+    tiny_engine.model.lm_head.register_forward_pre_hook(lambda *_: seen.append(("step", sys.getswitchinterval())))
+    make_peft_adapter(tiny_llama_dir, tmp_path / "a", seed=1)
+    batch = tiny_engine.new_batch(max_batch=2, max_seq_len=64)
+    batch.add(tiny_engine.sequence("hello there", max_tokens=3))
+    batch.step()
+    tiny_engine.load_adapter("a", tmp_path / "a")
+    assert seen == [("step", default), ("load", default)]  # not compiling: untouched
+    seen.clear()
+    tiny_engine.model.compiling = True
+    try:
+        batch.step()
+        tiny_engine.load_adapter("a", tmp_path / "a")
+        short = pytest.approx(generate.COMPILING_SWITCH_INTERVAL)  # Python keeps it in whole microseconds
+        assert seen == [("step", default), ("load", short)]
+        assert sys.getswitchinterval() == default
+        # Overlapping holders: the interval stays short until the last one leaves.
+        entered, leave = threading.Event(), threading.Event()
+
+        def hold():
+            with generate.quick_gil_while_compiling(tiny_engine.model):
+                entered.set()
+                leave.wait(30)
+
+        other = threading.Thread(target=hold)
+        other.start()
+        assert entered.wait(30)
+        with generate.quick_gil_while_compiling(tiny_engine.model):
+            pass
+        assert sys.getswitchinterval() == short  # the other thread still holds it
+        leave.set()
+        other.join(30)
+        assert sys.getswitchinterval() == default
+    finally:
+        tiny_engine.model.compiling = False
+        sys.setswitchinterval(default)
