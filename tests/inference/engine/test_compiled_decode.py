@@ -392,7 +392,8 @@ def test_sequences_decode_while_the_graphs_compile_and_the_graphs_never_read_the
                 for ids, n, m in zip(PROMPTS[:2], (12, 20), mix)]
         batch.step()
         tracing, stepped, result = threading.Event(), threading.Event(), []
-        aot_tracing, aot_stepped, module_call, patched = threading.Event(), threading.Event(), torch.nn.Module.__call__, []
+        aot_tracing, aot_stepped, patched = threading.Event(), threading.Event(), []
+        module_call = torch.nn.Module.__call__  # torch.fx patches it while make_fx traces
 
         def compile_decode():
             torch._functorch.config.enable_autograd_cache = False  # this thread's: AOT autograd traces
