@@ -134,8 +134,9 @@ _switch_lock = threading.Lock()
 def quick_gil_while_compiling(model):
     """While Engine.compile_decode traces (dynamo, AOT autograd: pure Python, which keeps the GIL),
     each torch op of this thread lets the GIL go and then waits up to the switch interval to get it
-    back. An adapter load, a run of small ops (it checks and stacks ~200 projections), took 7-14 s
-    beside a warm-cache compile against 1.7 s alone; with a 100 us interval while it runs, 1.6-4.6 s.
+    back. An adapter load, a run of small ops (it checks and stacks ~200 projections), took a median
+    8 s beside a warm-cache compile against 1.5 s alone; with a 100 us interval while it runs, 3 s
+    (benchmarks/adapter_load.py).
     Not for decode steps: with it their median speed during the compile fell from ~45 to 3.8 tok/s.
     The interval is the process's: the last thread out restores it."""
     if not model.compiling:

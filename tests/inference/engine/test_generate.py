@@ -218,8 +218,12 @@ def test_adapter_loads_beside_a_compile_take_the_gil_back_quickly_and_steps_keep
     default = sys.getswitchinterval()
     seen = []
     real_validate = dora.validate_spec
-    monkeypatch.setattr(dora, "validate_spec", lambda *a: (seen.append(("load", sys.getswitchinterval())),
-                                                           real_validate(*a))[1])
+
+    def validate_spec(*args):
+        seen.append(("load", sys.getswitchinterval()))
+        return real_validate(*args)
+
+    monkeypatch.setattr(dora, "validate_spec", validate_spec)
     tiny_engine.model.lm_head.register_forward_pre_hook(lambda *_: seen.append(("step", sys.getswitchinterval())))
     make_peft_adapter(tiny_llama_dir, tmp_path / "a", seed=1)
     batch = tiny_engine.new_batch(max_batch=2, max_seq_len=64)
