@@ -36,6 +36,14 @@ WARM_POSITION = 1
 # would make the two one symbol).
 WARM_WIDTH = 24
 
+
+def guards_off_the_model(entries) -> list[bool]:
+    """Dynamo guard filter of the compiled decode step (Engine.compile_decode): no guards on what
+    the model holds (its modules, parameters and buffers: ~1 ms of checks on every token); those
+    on the step's arguments and on the global state stay."""
+    return [not entry.orig_guard.source.is_unspecialized_nn_module() for entry in entries]
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -82,6 +90,7 @@ class Engine:
         dora.attach_context(model)
         # Adapter (un)loading rewrites the DoRA stacks that a running forward reads.
         self.lock = threading.RLock()
+        self._mixture_matrix = None  # (key, tensor) of the last mixture_matrix call
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -178,12 +187,22 @@ class Engine:
         return dora.save_peft_adapter(self.model, name, path, base_model_name=self.config.name or self.source)
 
     def mixture_matrix(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Stack the sequences' {name: weight} mixtures into [B, N] over the resident adapters."""
-        names = self.adapters
+        """Stack the sequences' {name: weight} mixtures into [B, N] over the resident adapters.
+
+        Called before every step: the same sequences with the same resident adapters get the same
+        tensor object back (never modified in place), so what the decode step derives from it is
+        derived once per mixture, not once per token (generate.decode_one_token)."""
+        names = self.model.adapter_context.names
         if not names or not any(s.mixture for s in seqs):
             return None
+        key = (tuple(names), tuple((s.id, tuple(s.mixture.items()) if s.mixture else None) for s in seqs))
+        cached = self._mixture_matrix
+        if cached is not None and cached[0] == key:
+            return cached[1]
         rows = [dora.mixture_vector(s.mixture, names) for s in seqs]
-        return torch.stack(rows).to(device=self.device, dtype=torch.float32)
+        matrix = torch.stack(rows).to(device=self.device, dtype=torch.float32)
+        self._mixture_matrix = (key, matrix)
+        return matrix
 
     # -- compute -------------------------------------------------------------------------------
     def _check_ids(self, ids) -> list[int]:
@@ -310,16 +329,26 @@ class Engine:
                     model.restore_kv_entries(warm_slots, WARM_POSITION, entries)
             fn(*args, lowrank)
 
-        compiled = torch.compile(model.decode_one, backend=backend, dynamic=True, fullgraph=True)
-        rows_compiled = torch.compile(model.decode_rows, backend=backend, dynamic=True, fullgraph=True)
+        # Dynamo's per-token work, measured at ~1.4 ms of a ~8 ms step (benchmarks/RESULTS.md,
+        # tenth session), is cut three ways. The model's tensors are installed in the graphs
+        # (install_free_tensors) instead of being fetched from the module tree as ~370 inputs on
+        # every call; the guards on the model's modules, parameters and buffers are dropped
+        # (guards_off_the_model): what the graphs read of the model is fixed while they live
+        # (every projection was wrapped above, adapters change only what the graphs never read,
+        # Transformer.decode_one, and a new KV cache drops them, setup_caches); and each compile
+        # keeps its own graphs (isolate_recompiles), so another engine's model in the same process
+        # (tests, benchmarks) never runs this one's graphs. The guards on the step's own arguments
+        # (slot 0 or not, mixture or not, the widths) and on the global state (grad mode, threads)
+        # stay.
+        compiled = torch.compile(model.decode_one, backend=backend, dynamic=True, fullgraph=True,
+                                 isolate_recompiles=True, options={"guard_filter_fn": guards_off_the_model})
+        rows_compiled = torch.compile(model.decode_rows, backend=backend, dynamic=True, fullgraph=True,
+                                      isolate_recompiles=True, options={"guard_filter_fn": guards_off_the_model})
         rows_rank = 2 * mixture_rank  # a batch's adapters together: more of them than one sequence's
-        # Up to four graphs per code object (Transformer.decode_one, decode_rows): a process with
-        # several engines (tests, benchmarks) needs more than dynamo's default 8 per code object.
-        limit = max(64, torch._dynamo.config.recompile_limit)
         # inference_mode as Batch.step runs it (the graph guards on that). specialize_float: else
         # the first graph of each step kind fails AOT autograd's pass that turns a float scalar into
         # a tensor, and dynamo traces it again (10-20 s lost per graph, benchmarks/RESULTS.md).
-        with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=limit, specialize_float=True), \
+        with torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True, install_free_tensors=True), \
                 compiling(model):
             with self.lock:
                 cache = model.model.layers[0].self_attn.kv_cache
@@ -383,7 +412,7 @@ class Engine:
                     # A larger batch replaced the KV cache while compiling (setup_caches).
                     log.warning("compile_decode: the KV cache changed while compiling; decoding eagerly")
                     return False
-                model.compiled_decode = compiled
+                model.compiled_decode, model.compiled_lowrank = compiled, None
                 model.compiled_mixture_rank = mixture_rank
                 model.compiled_mixture_dtype = factor_dtype
                 model.compiled_rows = rows_compiled if model.max_batch > 1 else None

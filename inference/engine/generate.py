@@ -175,15 +175,7 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots
             and int(input_pos[0]) + 1 < model.cache_len):
         lowrank, eager = None, False
         if mixture is not None:
-            ctx.set_mixture(mixture)
-            try:
-                if ctx.weights is not None:  # the sequence really uses an adapter
-                    eager = model.compiled_mixture_rank == 0
-                    if not eager:
-                        lowrank = decode_lowrank(model, model.compiled_mixture_rank, model.compiled_mixture_dtype)
-                        eager = lowrank is None
-            finally:
-                ctx.set_mixture(None)
+            lowrank, eager = _lone_lowrank(model, ctx, mixture)
         if not eager:
             # Never a ~10 s compile mid-request: a call no graph takes runs eagerly. Only the
             # guards that tell the warm-up's graphs apart are evaluated (slot 0 or not, mixture or
@@ -194,6 +186,30 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, slots
             with torch.compiler.set_stance("eager_on_recompile", skip_guard_eval_unsafe=True):
                 return compiled(tokens[:, None], int(slots[0]) + 2, int(input_pos[0]) + 3, lowrank)[:, -1]
     return model(tokens[:, None], input_pos=input_pos[:, None], slots=slots, mixture=mixture)[:, -1]
+
+
+def _lone_lowrank(model, ctx, mixture: torch.Tensor) -> tuple[tuple | None, bool]:
+    """A lone sequence's mixture for the compiled step: (decode_lowrank's tensors or None, whether
+    it must decode eagerly). Kept on the model for the next step: while the sequence decodes, the
+    engine hands the same mixture tensor every step (Engine.mixture_matrix) and the context's
+    version stays put, so a step costs an identity check here instead of ~0.3-0.8 ms of Python
+    (set_mixture's comparison, decode_lowrank's key; benchmarks/RESULTS.md, tenth session).
+    Loading or training an adapter, or an eager step with another mixture, bumps the version."""
+    cached = model.compiled_lowrank
+    if cached is not None and cached[0] is mixture and cached[1] == ctx.version:
+        return cached[2], cached[3]
+    lowrank, eager = None, False
+    ctx.set_mixture(mixture)
+    try:
+        if ctx.weights is not None:  # the sequence really uses an adapter
+            eager = model.compiled_mixture_rank == 0
+            if not eager:
+                lowrank = decode_lowrank(model, model.compiled_mixture_rank, model.compiled_mixture_dtype)
+                eager = lowrank is None
+    finally:
+        ctx.set_mixture(None)
+    model.compiled_lowrank = (mixture, ctx.version, lowrank, eager)
+    return lowrank, eager
 
 
 def _decode_rows(model, tokens, input_pos, slots, mixture) -> torch.Tensor | None:

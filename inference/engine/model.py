@@ -301,6 +301,9 @@ class Transformer(nn.Module):
         self.compiling = False  # while Engine.compile_decode runs
         self.compiled_mixture_rank = 0  # the rank sum its mixture graphs take (0: none)
         self.compiled_mixture_dtype = torch.float32  # their low-rank factors' dtype
+        # (mixture, adapter context version, its decode_lowrank tensors, eager?) of the last lone
+        # sequence's mixture step (generate._lone_lowrank)
+        self.compiled_lowrank = None
         self.compiled_rows = None  # torch.compile'd decode_rows (batches in contiguous slots)
         self.compiled_rows_rank = 0  # the rank sum over a batch's adapters its mixture graphs take
 

@@ -205,6 +205,72 @@ def test_adapters_loaded_after_compiling_decode_through_the_same_graphs(compiled
         engine.model.compiled_decode = graph
 
 
+def test_a_lone_sequences_mixture_is_prepared_once_and_again_when_its_adapter_changes(
+        compiled_engines, tmp_path, monkeypatch):
+    """The factors the graph takes are laid out at the sequence's first step and reused while it
+    decodes alone, not laid out again every token; reloading the adapter under the same name
+    mid-sequence gives the next steps its new factors, as the eager forward does."""
+    from inference.engine import generate
+
+    path, engines = compiled_engines
+    engine, graph = engines[None]
+    make_peft_adapter(path, tmp_path / "a", seed=1, r=4, targets=("q_proj", "v_proj", "down_proj"))
+    make_peft_adapter(path, tmp_path / "a2", seed=7, r=4, targets=("q_proj", "v_proj", "down_proj"))
+    prepared = CountCalls(generate.decode_lowrank)
+    monkeypatch.setattr(generate, "decode_lowrank", prepared)
+
+    def run(compiled, reload=True):
+        engine.load_adapter("a", tmp_path / "a")
+        engine.model.compiled_decode = compiled
+        try:
+            batch = engine.new_batch(max_batch=3, max_seq_len=64)
+            seq = batch.add(Sequence(list(PROMPTS[1]), SamplingParams(max_tokens=14, ignore_eos=True),
+                                     mixture={"a": 1.0}))
+            for _ in range(6):
+                batch.step()
+            if reload:
+                engine.load_adapter("a", tmp_path / "a2")  # the same name, other factors
+            while len(batch):
+                batch.step()
+            return seq.output_ids
+        finally:
+            engine.unload_adapter("a")
+            engine.model.compiled_decode = graph
+
+    spy = CountCalls(graph)
+    got = run(spy)
+    assert spy.calls == 13  # every step after the prefill took the graph
+    assert prepared.calls == 2  # once per adapter version
+    eager = run(None)
+    assert got == eager
+    assert eager != run(None, reload=False)  # the reload changes the answer
+
+
+def test_two_engines_of_one_shape_each_decode_through_their_own_graphs(compiled_engines, tmp_path):
+    """The graphs hold their model's weights and KV cache and check nothing of the model on a step
+    (Engine.compile_decode): a second engine of the same shapes in the same process builds graphs
+    of its own, and each engine gives its own eager tokens."""
+    from .conftest import make_tiny_llama
+
+    _, engines = compiled_engines
+    first, graph = engines[None]
+    other = Engine.load(make_tiny_llama(tmp_path / "other", seed=5))
+    other.new_batch(max_batch=3, max_seq_len=64)
+    assert other.compile_decode(mixture_rank=0)
+    lengths = (2, 3, 9)
+    try:
+        eager = {}
+        for engine in (other, first):
+            spy = CountCalls(engine.model.compiled_decode)
+            got = decode(engine, PROMPTS, lengths, compiled=spy)
+            assert spy.calls == 6
+            eager[engine] = decode(engine, PROMPTS, lengths, compiled=None)
+            assert got == eager[engine]
+        assert eager[first] != eager[other]
+    finally:
+        first.model.compiled_decode = graph
+
+
 def test_the_graph_takes_every_mixture_width_up_to_its_most_and_wider_ones_decode_eagerly(compiled_engines, tmp_path):
     """The mixture's width (its ranks summed per projection, rounded up to a multiple of 8) is a
     symbol of the graph: r=4 alone (width 8), r=21 alone (24), r=21 + r=4 (32) take the one graph
