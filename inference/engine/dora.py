@@ -332,11 +332,12 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
       with zeros to the mixture's width W (mixture_width: one r=8 expert 8, three of them 24; the
       graph takes W as a symbol, so every width is one graph and a lone expert reads a third of
       the bytes three do);
-    - one `Bg` [L, out/16, W, 16] per projection: B scaled by g_i * s_i (rebuild) and by the
-      mixture weight w_i, zero rows for the padding, in blocks of 16 output columns so that the
-      expand reads each factor as one sequential stream: the factors come from DRAM on every
-      token (the int4 backbone streams through the caches between two uses), and a [W, out]
-      layout, `W` short strided streams, decoded 2-6 % slower (benchmarks/RESULTS.md);
+    - `Bg` [L, sum out/16, W, 16]: each projection's B scaled by g_i * s_i (rebuild) and by the
+      mixture weight w_i, zero rows for the padding, in blocks of 16 output columns, the group's
+      projections one after another, so that the expand reads the group's factors as one
+      sequential stream: the factors come from DRAM on every token (the int4 backbone streams
+      through the caches between two uses), and a [W, out] layout, `W` short strided streams,
+      decoded 2-6 % slower (benchmarks/RESULTS.md);
     - `g` [L, 1, sum out]: g_mix = 1 - sum w_i + sum_i w_i g_i, in the model's float dtype.
 
     `width`: the most W the caller takes (a wider mixture gives None: it decodes eagerly); with
@@ -384,8 +385,8 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
         if any(m.out_features % block for m in first):
             return None
         A = torch.zeros(len(layers), len(names) * width, first[0].in_features, dtype=dtype, device=device)
-        Bs = [torch.zeros(len(layers), m.out_features // block, width, block, dtype=dtype, device=device)
-              for m in first]
+        B = torch.zeros(len(layers), sum(m.out_features for m in first) // block, width, block, dtype=dtype,
+                        device=device)
         g = torch.ones(len(layers), n_rows, 1, sum(m.out_features for m in first), dtype=exact, device=device)
         w_cols = torch.zeros(len(layers), n_rows, len(names) * width, dtype=exact, device=device)
         for li, group in enumerate(groups):
@@ -404,39 +405,43 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
                             return None
                         A[li, r0:r0 + r] = m.stack_A[i, :r]
                         Bg = m.stack_B[i, :, :r] * (w[0, j] if rows is None else 1)  # [out, r]
-                        Bs[pi][li, :, r0 - pi * width:r0 - pi * width + r] = Bg.view(-1, block, r).transpose(1, 2)
+                        B[li, col // block:(col + m.out_features) // block, r0 - pi * width:r0 - pi * width + r] = \
+                            Bg.view(-1, block, r).transpose(1, 2)
                         w_cols[li, :, r0:r0 + r] = w[:, j:j + 1]
                         r0 += r
                 col += m.out_features
         if rows is None:
-            out.append((A, tuple(Bs), g[:, 0]))
+            out.append((A, B, g[:, 0]))
         else:
-            out.append((A, tuple(Bs), g, w_cols))
+            out.append((A, B, g, w_cols))
     out = tuple(out)
     if not zeros:
         ctx.decode_lowrank = (key, out)
     return out
 
 
-def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, Bs, g: torch.Tensor,
-                w: torch.Tensor | None = None) -> torch.Tensor:
+def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, g: torch.Tensor,
+                w: torch.Tensor | None = None, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
     """One layer's group of decode_lowrank inside a compiled decode step: x [1, 1, in], the fused
     backbone output y [1, 1, out] -> g_mix * y + the weighted low-rank paths, in float32. Written as
     products and sums, not matmuls: Inductor turns them into a few vectorised loops inside its own
     kernel (a matmul would be an external call, ~9 us each for these 1-row products, 330 per token).
+    `sizes`: the output widths of the group's projections (q|k|v, gate|up; None: one projection),
+    whose blocks of B follow one another.
 
     With `w` [B, P*width] (decode_lowrank with rows=B: a batch, each row its own mixture of the same
     factors): x [B, 1, in], y [B, 1, out], g [B, 1, out]; each row's shrink is weighed by its
     mixture before the expand."""
+    Bs = B.split([n // LOWRANK_BLOCK for n in sizes]) if sizes else (B,)
     if w is None:
         h = (x.reshape(1, x.shape[-1]) * A.float()).sum(-1)  # A [P*width, in] -> h [P*width]
         # B [out/16, width, 16]: h [width] -> [out]
-        delta = torch.cat([(hp[None, :, None] * B.float()).sum(1).reshape(-1) for hp, B in zip(h.chunk(len(Bs)), Bs)])
+        delta = torch.cat([(hp[None, :, None] * Bp.float()).sum(1).reshape(-1) for hp, Bp in zip(h.chunk(len(Bs)), Bs)])
         return y * g + delta
     rows = x.shape[0]
     h = (x.reshape(rows, 1, x.shape[-1]) * A.float()).sum(-1) * w  # [B, P*width]
-    delta = torch.cat([(hp[:, None, :, None] * B.float()).sum(2).reshape(rows, 1, -1)
-                       for hp, B in zip(h.chunk(len(Bs), dim=-1), Bs)], dim=-1)
+    delta = torch.cat([(hp[:, None, :, None] * Bp.float()).sum(2).reshape(rows, 1, -1)
+                       for hp, Bp in zip(h.chunk(len(Bs), dim=-1), Bs)], dim=-1)
     return y * g + delta
 
 

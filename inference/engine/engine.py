@@ -387,10 +387,9 @@ class Engine:
                             elif dim != batch_dim:
                                 torch._dynamo.mark_static(t, dim)
 
-                    for A, Bs, g, *w in zeros + zeros_rows:  # w: a batch's per-row weights
+                    for A, B, g, *w in zeros + zeros_rows:  # w: a batch's per-row weights
                         mark(A, width_dim=1)
-                        for B in Bs:
-                            mark(B, width_dim=2)
+                        mark(B, width_dim=2)
                         mark(g, batch_dim=1 if w else None)
                         if w:
                             mark(w[0], width_dim=2, batch_dim=1)

@@ -199,7 +199,7 @@ class Attention(nn.Module):
             if lowrank is None:
                 qkv = combine_group((self.q_proj, self.k_proj, self.v_proj), x, qkv, self)
             elif lowrank[0] is not None:
-                qkv = add_lowrank(x, qkv, *lowrank[0])
+                qkv = add_lowrank(x, qkv, *lowrank[0], sizes=(H * hd, Hkv * hd, Hkv * hd))
             qkv = qkv.view(B, T, H + 2 * Hkv, hd)
             qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H+Hkv, T, hd]
             q, k = qk[:, :H], qk[:, H:]
@@ -243,7 +243,8 @@ class MLP(nn.Module):
             if lowrank is None:
                 gate_up = combine_group((self.gate_proj, self.up_proj), x, self.gate_up_proj(x), self)
             elif lowrank[0] is not None:
-                gate_up = add_lowrank(x, self.gate_up_proj(x), *lowrank[0])
+                gate_up = add_lowrank(x, self.gate_up_proj(x), *lowrank[0],
+                                      sizes=(self.gate_proj.out_features, self.up_proj.out_features))
             else:
                 gate_up = self.gate_up_proj(x)
             gate, up = gate_up.chunk(2, dim=-1)
@@ -349,7 +350,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(input_pos, x.dtype)
         plan = StepPlan.single(slot, length - 1)
         for i, layer in enumerate(self.model.layers):
-            layer_lowrank = NO_LOWRANK if lowrank is None else [(A[i], [B[i] for B in Bs], g[i]) for A, Bs, g in lowrank]
+            layer_lowrank = NO_LOWRANK if lowrank is None else [(A[i], B[i], g[i]) for A, B, g in lowrank]
             x = layer(x, cos, sin, None, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 
@@ -368,7 +369,7 @@ class Transformer(nn.Module):
         mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, length]
         for i, layer in enumerate(self.model.layers):
             layer_lowrank = (NO_LOWRANK if lowrank is None
-                             else [(A[i], [B[i] for B in Bs], g[i], w[i]) for A, Bs, g, w in lowrank])
+                             else [(A[i], B[i], g[i], w[i]) for A, B, g, w in lowrank])
             x = layer(x, cos, sin, mask, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 
