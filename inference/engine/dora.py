@@ -43,6 +43,8 @@ class AdapterContext:
         self.rest: torch.Tensor | None = None  # [B, 1] = 1 - sum(weights): backbone share of adapter-free rows
         self.training: str | None = None  # adapter trained live (norm recomputed, detached)
         self.version = 0  # bumped whenever the mixture changes (DoraLinear caches key on it)
+        self.stacks_version = 0  # bumped whenever a DoraLinear rebuilds its stacks (adapter_layouts)
+        self.layouts = None  # (stacks_version, dtype, {adapter index: its factors as the graph lays them out})
         self._last = None  # (mixture, active, weights, rest) of the last mixture
         self.decode_lowrank = None  # (key, tensors) of the compiled decode step (decode_lowrank)
 
@@ -156,6 +158,7 @@ class DoraLinear(nn.Module):
         the mixture formula holds for every module without special cases.
         """
         self.context.version += 1  # cached mixture plans are stale
+        self.context.stacks_version += 1
         names = self.context.names
         if not names:
             self.stack_A = self.stack_B = self.stack_g = self.flat_A = self.flat_B = None
@@ -313,14 +316,48 @@ LOWRANK_BLOCK = 16
 WIDTH_STEP = 8
 
 
-def mixture_width(ctx, active, modules) -> int:
-    """The width a mixture of the `active` adapters needs in the compiled step: the largest sum of
-    their ranks on one projection, rounded up to a multiple of WIDTH_STEP."""
-    most = 0
-    for m in modules:
-        if isinstance(m, DoraLinear):
-            most = max(most, sum(m.lora_A[ctx.names[i]].shape[0] for i in active if ctx.names[i] in m.lora_A))
-    return WIDTH_STEP * max(1, -(-most // WIDTH_STEP))
+def adapter_layouts(model: nn.Module, active: list[int], dtype: torch.dtype) -> dict:
+    """The factors of the resident adapters `active` (indices into the context's names) as
+    decode_lowrank lays them out, each adapter's once per stack rebuild (cached on the context), so
+    that a mixture is a few concatenations, not a copy per layer, projection and adapter (~30 ms
+    for three adapters on SmolLM2, every new mixture; benchmarks/RESULTS.md, tenth session).
+
+    Per adapter, per group of DECODE_GROUPS, per projection, over the layers: `A` [L, r, in] and
+    `B` [L, out/16, r, 16] (scaled by g_i * s_i, dtype), zeros in the layers the adapter does not
+    target, or both None when it targets the projection in no layer; and `g` [L, out] (g_i, 1
+    where not targeted; the model's float dtype)."""
+    ctx = model.adapter_context
+    device = model.model.embed_tokens.weight.device
+    if ctx.layouts is None or ctx.layouts[:2] != (ctx.stacks_version, dtype):
+        ctx.layouts = (ctx.stacks_version, dtype, {})
+    cache = ctx.layouts[2]
+    layers = model.model.layers
+    exact = model.model.embed_tokens.weight.dtype
+    for i in active:
+        if i in cache:
+            continue
+        name, groups = ctx.names[i], []
+        for owner, names in DECODE_GROUPS:
+            projections = []
+            for n in names:
+                mods = [getattr(getattr(layer, owner), n) for layer in layers]
+                g = torch.stack([m.stack_g[i] if m.stack_g is not None else torch.ones(m.out_features, device=device)
+                                 for m in mods]).to(exact)
+                targeted = [m for m in mods if name in m.lora_A]
+                if not targeted:
+                    projections.append((None, None, g))
+                    continue
+                r = targeted[0].lora_A[name].shape[0]
+                # (a module no adapter of rank >= r targets has narrower stacks: zeros of the full rank)
+                A = torch.stack([m.stack_A[i, :r] if name in m.lora_A else m.stack_A.new_zeros(r, m.in_features)
+                                 for m in mods]).to(dtype)  # [L, r, in]
+                B = torch.stack([m.stack_B[i, :, :r] if name in m.lora_A else m.stack_B.new_zeros(m.out_features, r)
+                                 for m in mods])  # [L, out, r]
+                B = B.view(len(mods), -1, LOWRANK_BLOCK, r).transpose(2, 3).contiguous().to(dtype)
+                projections.append((A, B, g))
+            groups.append(projections)
+        cache[i] = groups
+    return cache
 
 
 @torch.inference_mode()  # as the decode step runs (the graph guards on the tensors' dispatch keys)
@@ -358,65 +395,74 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
     layers = model.model.layers
     if ctx is None or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in layers):
         return None
-    exact = model.model.embed_tokens.weight.dtype  # g and the mixture weights
-    n_rows = 1 if rows is None else rows
-    if not zeros:
-        if ctx.weights is None or ctx.weights.shape[0] != n_rows:
-            return None
-        active = ctx.active.tolist()
-        key = (ctx.version, width, dtype, rows, tuple(active), tuple(map(tuple, ctx.weights.tolist())))
-        cached = ctx.decode_lowrank
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        w = ctx.weights.to(exact)  # [B, n]
-        g_rest = ctx.rest.to(exact)  # [B, 1]
-        projections = [getattr(getattr(layer, owner), n) for layer in layers for owner, names in DECODE_GROUPS
-                       for n in names]
-        needed = mixture_width(ctx, active, projections)
-        if needed > width:
-            return None
-        width = needed
-    device = model.model.embed_tokens.weight.device
     block = LOWRANK_BLOCK
-    out = []
     for owner, names in DECODE_GROUPS:
-        groups = [[getattr(getattr(layer, owner), n) for n in names] for layer in layers]
-        first = groups[0]
-        if any(m.out_features % block for m in first):
-            return None
-        A = torch.zeros(len(layers), len(names) * width, first[0].in_features, dtype=dtype, device=device)
-        B = torch.zeros(len(layers), sum(m.out_features for m in first) // block, width, block, dtype=dtype,
-                        device=device)
-        g = torch.ones(len(layers), n_rows, 1, sum(m.out_features for m in first), dtype=exact, device=device)
-        w_cols = torch.zeros(len(layers), n_rows, len(names) * width, dtype=exact, device=device)
-        for li, group in enumerate(groups):
-            col = 0
-            for pi, m in enumerate(group):
-                if not isinstance(m, DoraLinear) or getattr(m.base_layer, "bias", None) is not None:
+        for layer in layers:
+            for n in names:
+                m = getattr(getattr(layer, owner), n)
+                if (not isinstance(m, DoraLinear) or getattr(m.base_layer, "bias", None) is not None
+                        or m.out_features % block):
                     return None
-                if not zeros and m.stack_A is not None:
-                    g[li, :, 0, col:col + m.out_features] = g_rest + w @ m.stack_g[active]
-                    r0 = pi * width
-                    for j, i in enumerate(active):
-                        if ctx.names[i] not in m.lora_A:
-                            continue  # not a target of this adapter: g = 1, B = 0
-                        r = m.lora_A[ctx.names[i]].shape[0]
-                        if r0 + r > (pi + 1) * width:
-                            return None
-                        A[li, r0:r0 + r] = m.stack_A[i, :r]
-                        Bg = m.stack_B[i, :, :r] * (w[0, j] if rows is None else 1)  # [out, r]
-                        B[li, col // block:(col + m.out_features) // block, r0 - pi * width:r0 - pi * width + r] = \
-                            Bg.view(-1, block, r).transpose(1, 2)
-                        w_cols[li, :, r0:r0 + r] = w[:, j:j + 1]
-                        r0 += r
-                col += m.out_features
+    exact = model.model.embed_tokens.weight.dtype  # g and the mixture weights
+    device = model.model.embed_tokens.weight.device
+    n_rows = 1 if rows is None else rows
+    L = len(layers)
+    if zeros:  # the shapes only, for the compile warm-up
+        out = []
+        for owner, names in DECODE_GROUPS:
+            mods = [getattr(layers[0], owner).get_submodule(n) for n in names]
+            sum_out = sum(m.out_features for m in mods)
+            A = torch.zeros(L, len(names) * width, mods[0].in_features, dtype=dtype, device=device)
+            B = torch.zeros(L, sum_out // block, width, block, dtype=dtype, device=device)
+            g = torch.ones(L, n_rows, 1, sum_out, dtype=exact, device=device)
+            w_cols = torch.zeros(L, n_rows, len(names) * width, dtype=exact, device=device)
+            out.append((A, B, g[:, 0]) if rows is None else (A, B, g, w_cols))
+        return tuple(out)
+    if ctx.weights is None or ctx.weights.shape[0] != n_rows or layers[0].self_attn.q_proj.stack_A is None:
+        return None
+    active = ctx.active.tolist()
+    key = (ctx.version, width, dtype, rows, tuple(active), tuple(map(tuple, ctx.weights.tolist())))
+    cached = ctx.decode_lowrank
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    w = ctx.weights.to(exact)  # [B, n]
+    g_rest = ctx.rest.to(exact)  # [B, 1]
+    layouts = adapter_layouts(model, active, dtype)
+    # Each projection's rank columns: the active adapters that target it, in order, then zeros up
+    # to the width (the largest sum on one projection, rounded up to a multiple of WIDTH_STEP).
+    targets = [[[(j, layouts[i][gi][pi]) for j, i in enumerate(active) if layouts[i][gi][pi][0] is not None]
+                for pi in range(len(names))] for gi, (_, names) in enumerate(DECODE_GROUPS)]
+    most = max([sum(f[0].shape[1] for _, f in parts) for group in targets for parts in group] or [0])
+    needed = WIDTH_STEP * max(1, -(-most // WIDTH_STEP))
+    if needed > width:
+        return None
+    width = needed
+    out = []
+    for gi, (owner, names) in enumerate(DECODE_GROUPS):
+        A_parts, B_parts, g_parts, w_parts = [], [], [], []
+        for pi, n in enumerate(names):
+            m = getattr(layers[0], owner).get_submodule(n)
+            parts = targets[gi][pi]
+            pad = width - sum(f[0].shape[1] for _, f in parts)
+            A_parts += [f[0] for _, f in parts] + [torch.zeros(L, pad, m.in_features, dtype=dtype, device=device)]
+            # the lone sequence's mixture weight folded into B; a batch weighs its rows' shrinks (w_cols)
+            B_parts.append(torch.cat([f[1] if rows is not None else f[1] * w[0, j].to(dtype) for j, f in parts]
+                                     + [torch.zeros(L, m.out_features // block, pad, block, dtype=dtype,
+                                                    device=device)], dim=2))
+            w_parts += [w[:, j:j + 1].expand(n_rows, f[0].shape[1]) for j, f in parts]
+            w_parts.append(torch.zeros(n_rows, pad, dtype=exact, device=device))
+            # g_mix = 1 - sum w_j + sum_j w_j g_j, per row: [L, B, out]
+            g_all = torch.stack([layouts[i][gi][pi][2] for i in active])  # [n, L, out]
+            g_parts.append(g_rest[None] + torch.einsum("bn,nlo->lbo", w, g_all))
+        A = torch.cat(A_parts, dim=1)  # [L, P*W, in]
+        B = torch.cat(B_parts, dim=1)  # [L, sum out/16, W, 16]
+        g = torch.cat(g_parts, dim=-1)[:, :, None, :]  # [L, B, 1, sum out]
         if rows is None:
             out.append((A, B, g[:, 0]))
         else:
-            out.append((A, B, g, w_cols))
+            out.append((A, B, g, torch.cat(w_parts, dim=1)[None].expand(L, -1, -1).contiguous()))
     out = tuple(out)
-    if not zeros:
-        ctx.decode_lowrank = (key, out)
+    ctx.decode_lowrank = (key, out)
     return out
 
 

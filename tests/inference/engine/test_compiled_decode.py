@@ -246,6 +246,30 @@ def test_a_lone_sequences_mixture_is_prepared_once_and_again_when_its_adapter_ch
     assert eager != run(None, reload=False)  # the reload changes the answer
 
 
+def test_adapters_targeting_a_projection_in_some_layers_only_decode_through_the_graph(compiled_engines, tmp_path):
+    """decode_lowrank lays each adapter out over every layer (zeros where it targets nothing):
+    an adapter on layer 1's q_proj and layer 0's down_proj only, mixed with one on every q_proj,
+    gives the eager tokens through the graph."""
+    path, engines = compiled_engines
+    engine, graph = engines[None]
+    make_peft_adapter(path, tmp_path / "a", seed=5, r=3,
+                      targets=("model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"))
+    make_peft_adapter(path, tmp_path / "b", seed=6, r=4, targets=("q_proj",))
+    engine.load_adapter("a", tmp_path / "a")
+    engine.load_adapter("b", tmp_path / "b")
+    try:
+        mixtures = [None, {"a": 1.0}, {"a": 0.6, "b": 0.4}]
+        for lengths in ((2, 3, 9), (2, 9, 3)):
+            spy = CountCalls(graph)
+            got = decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=spy)
+            assert spy.calls == 6
+            assert got == decode(engine, PROMPTS, lengths, mixtures=mixtures, compiled=None)
+    finally:
+        engine.unload_adapter("a")
+        engine.unload_adapter("b")
+        engine.model.compiled_decode = graph
+
+
 def test_two_engines_of_one_shape_each_decode_through_their_own_graphs(compiled_engines, tmp_path):
     """The graphs hold their model's weights and KV cache and check nothing of the model on a step
     (Engine.compile_decode): a second engine of the same shapes in the same process builds graphs

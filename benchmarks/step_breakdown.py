@@ -1,0 +1,88 @@
+"""Where one compiled decode step's time goes, int4 SmolLM2, a lone sequence: the whole step
+(Batch.step: scheduling, sampling, detokenizing), the call of the compiled function (dynamo's guards
+and its gathering of the graph's inputs, then the graph), and the graph alone (what Inductor built:
+the int4 kernels, attention, its own C++ kernels). Without adapters and with a three-adapter
+mixture, alternated; the figures are per token.
+
+    python benchmarks/step_breakdown.py [--rounds 3] [--tokens 64]
+
+Compiles the four lone-sequence graphs first (minutes on a cold TORCHINDUCTOR_CACHE_DIR).
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+torch.set_num_threads(2)
+from engine import add_random_adapters  # noqa: E402
+
+from inference.engine import Engine  # noqa: E402
+from inference.engine import engine as engine_module  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--tokens", type=int, default=64)
+args = parser.parse_args()
+
+graph_s = [0.0]  # time inside the graphs Inductor built, summed
+build = engine_module.compile_fx
+
+
+def timed_compile_fx(gm, example_inputs, **kwargs):
+    graph = build(gm, example_inputs, **kwargs)
+    print(f"graph with {len(example_inputs)} inputs", flush=True)
+
+    def run(*graph_args):
+        started = time.perf_counter()
+        try:
+            return graph(*graph_args)
+        finally:
+            graph_s[0] += time.perf_counter() - started
+
+    return run
+
+
+engine_module.compile_fx = timed_compile_fx
+eng = Engine.load(cache_dir=str(ROOT / "var/models"), quant="int4")
+add_random_adapters(eng)  # three random r=8 DoRA adapters on all seven projections of every layer
+batch = eng.new_batch(max_batch=1, max_seq_len=256)
+started = time.perf_counter()
+assert eng.compile_decode(), "compile_decode failed (see the log)"
+print(f"compile_decode: {time.perf_counter() - started:.1f} s", flush=True)
+compiled = eng.model.compiled_decode
+call_s = [0.0]  # time inside the compiled function (dynamo, then the graph), summed
+
+
+def timed_call(*call_args):
+    started = time.perf_counter()
+    try:
+        return compiled(*call_args)
+    finally:
+        call_s[0] += time.perf_counter() - started
+
+
+eng.model.compiled_decode = timed_call
+MIX = {"a": 0.5, "b": 0.3, "c": 0.2}
+res = {"no adapter": [], "3-adapter mixture": []}
+for _ in range(args.rounds):
+    for name, adapters in (("no adapter", None), ("3-adapter mixture", MIX)):
+        seq = eng.sequence("Explain in detail how a steam engine works, step by step.", max_tokens=args.tokens,
+                           ignore_eos=True, adapters=adapters)
+        batch.add(seq)
+        batch.step()  # prefill
+        graph_s[0] = call_s[0] = 0.0
+        t = time.perf_counter()
+        while len(batch):
+            batch.step()
+        n = len(seq.output_ids) - 1
+        res[name].append(((time.perf_counter() - t) / n, call_s[0] / n, graph_s[0] / n))
+print("per token, medians over the rounds (ms):")
+print(f"{'':18} {'step':>7} {'graph':>7} {'dynamo':>7} {'rest':>7}  (rest: scheduling, sampling, text, mixture lookup)")
+for name, rows in res.items():
+    step, call, graph = (statistics.median(r[i] for r in rows) * 1e3 for i in range(3))
+    print(f"{name:18} {step:7.3f} {graph:7.3f} {call - graph:7.3f} {step - call:7.3f}")
