@@ -6,7 +6,9 @@ mixture, alternated; the figures are per token.
 
     python benchmarks/step_breakdown.py [--rounds 3] [--tokens 64]
 
-Compiles the four lone-sequence graphs first (minutes on a cold TORCHINDUCTOR_CACHE_DIR).
+Compiles the four lone-sequence graphs first (minutes on a cold TORCHINDUCTOR_CACHE_DIR). Also
+times laying a new mixture out for the graph (dora.decode_lowrank, once per request before its
+first compiled step): the first mixture after the adapters load, then new mixtures of them.
 """
 import argparse
 import statistics
@@ -21,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 torch.set_num_threads(2)
 from engine import add_random_adapters  # noqa: E402
 
-from inference.engine import Engine  # noqa: E402
+from inference.engine import Engine, dora  # noqa: E402
 from inference.engine import engine as engine_module  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -67,6 +69,16 @@ def timed_call(*call_args):
 
 
 eng.model.compiled_decode = timed_call
+ctx = eng.model.adapter_context
+for label, mixture in (("first mixture after loading", {"a": 0.5, "b": 0.3, "c": 0.2}),
+                       ("a new 3-adapter mixture", {"a": 0.2, "b": 0.5, "c": 0.3}),
+                       ("a new one-expert mixture", {"b": 1.0})):
+    with torch.inference_mode():
+        ctx.set_mixture(torch.stack([dora.mixture_vector(mixture, ctx.names)]))
+        started = time.perf_counter()
+        dora.decode_lowrank(eng.model, eng.model.compiled_mixture_rank, eng.model.compiled_mixture_dtype)
+        print(f"decode_lowrank, {label}: {(time.perf_counter() - started) * 1e3:.1f} ms", flush=True)
+        ctx.set_mixture(None)
 MIX = {"a": 0.5, "b": 0.3, "c": 0.2}
 res = {"no adapter": [], "3-adapter mixture": []}
 for _ in range(args.rounds):
