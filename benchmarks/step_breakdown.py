@@ -32,21 +32,25 @@ parser.add_argument("--tokens", type=int, default=64)
 args = parser.parse_args()
 
 graph_s = [0.0]  # time inside the graphs Inductor built, summed
+call_s = [0.0]  # time inside the compiled function (dynamo, then the graph), summed
 build = engine_module.compile_fx
 
 
-def timed_compile_fx(gm, example_inputs, **kwargs):
-    graph = build(gm, example_inputs, **kwargs)
-    print(f"graph with {len(example_inputs)} inputs", flush=True)
-
-    def run(*graph_args):
+def timing(fn, total):
+    """fn, adding the seconds of every call to total[0]."""
+    def run(*fn_args):
         started = time.perf_counter()
         try:
-            return graph(*graph_args)
+            return fn(*fn_args)
         finally:
-            graph_s[0] += time.perf_counter() - started
+            total[0] += time.perf_counter() - started
 
     return run
+
+
+def timed_compile_fx(gm, example_inputs, **kwargs):
+    print(f"graph with {len(example_inputs)} inputs", flush=True)
+    return timing(build(gm, example_inputs, **kwargs), graph_s)
 
 
 engine_module.compile_fx = timed_compile_fx
@@ -56,19 +60,7 @@ batch = eng.new_batch(max_batch=1, max_seq_len=256)
 started = time.perf_counter()
 assert eng.compile_decode(), "compile_decode failed (see the log)"
 print(f"compile_decode: {time.perf_counter() - started:.1f} s", flush=True)
-compiled = eng.model.compiled_decode
-call_s = [0.0]  # time inside the compiled function (dynamo, then the graph), summed
-
-
-def timed_call(*call_args):
-    started = time.perf_counter()
-    try:
-        return compiled(*call_args)
-    finally:
-        call_s[0] += time.perf_counter() - started
-
-
-eng.model.compiled_decode = timed_call
+eng.model.compiled_decode = timing(eng.model.compiled_decode, call_s)
 ctx = eng.model.adapter_context
 for label, mixture in (("first mixture after loading", {"a": 0.5, "b": 0.3, "c": 0.2}),
                        ("a new 3-adapter mixture", {"a": 0.2, "b": 0.5, "c": 0.3}),
