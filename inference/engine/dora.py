@@ -396,6 +396,19 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
     if ctx is None or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in layers):
         return None
     block = LOWRANK_BLOCK
+    exact = model.model.embed_tokens.weight.dtype  # g and the mixture weights
+    device = model.model.embed_tokens.weight.device
+    n_rows = 1 if rows is None else rows
+    L = len(layers)
+    if not zeros:
+        # A batch's step asks again every token (generate._decode_rows): the cache comes first.
+        if ctx.weights is None or ctx.weights.shape[0] != n_rows or layers[0].self_attn.q_proj.stack_A is None:
+            return None
+        active = ctx.active.tolist()
+        key = (ctx.version, width, dtype, rows, tuple(active), tuple(map(tuple, ctx.weights.tolist())))
+        cached = ctx.decode_lowrank
+        if cached is not None and cached[0] == key:
+            return cached[1]
     for owner, names in DECODE_GROUPS:
         for layer in layers:
             for n in names:
@@ -403,10 +416,6 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
                 if (not isinstance(m, DoraLinear) or getattr(m.base_layer, "bias", None) is not None
                         or m.out_features % block):
                     return None
-    exact = model.model.embed_tokens.weight.dtype  # g and the mixture weights
-    device = model.model.embed_tokens.weight.device
-    n_rows = 1 if rows is None else rows
-    L = len(layers)
     if zeros:  # the shapes only, for the compile warm-up
         out = []
         for owner, names in DECODE_GROUPS:
@@ -418,13 +427,6 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
             w_cols = torch.zeros(L, n_rows, len(names) * width, dtype=exact, device=device)
             out.append((A, B, g[:, 0]) if rows is None else (A, B, g, w_cols))
         return tuple(out)
-    if ctx.weights is None or ctx.weights.shape[0] != n_rows or layers[0].self_attn.q_proj.stack_A is None:
-        return None
-    active = ctx.active.tolist()
-    key = (ctx.version, width, dtype, rows, tuple(active), tuple(map(tuple, ctx.weights.tolist())))
-    cached = ctx.decode_lowrank
-    if cached is not None and cached[0] == key:
-        return cached[1]
     w = ctx.weights.to(exact)  # [B, n]
     g_rest = ctx.rest.to(exact)  # [B, 1]
     layouts = adapter_layouts(model, active, dtype)
