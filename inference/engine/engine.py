@@ -191,7 +191,7 @@ class Engine:
 
         Called before every step: the same sequences with the same resident adapters get the same
         tensor object back (never modified in place), so what the decode step derives from it is
-        derived once per mixture, not once per token (generate.decode_one_token)."""
+        derived once per mixture, not once per token (generate._lone_lowrank)."""
         names = self.model.adapter_context.names
         if not names or not any(s.mixture for s in seqs):
             return None
