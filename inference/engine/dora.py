@@ -306,9 +306,11 @@ def apply_mixture(plan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # (module of the layer, projections sharing one input and one fused backbone product).
 DECODE_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
                  ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
-# The compiled step's B factors come in blocks of this many output columns (one AVX-512 vector of
-# float32): [out / LOWRANK_BLOCK, width, LOWRANK_BLOCK].
-LOWRANK_BLOCK = 16
+# The compiled step's B factors come in blocks of this many output columns: [out / LOWRANK_BLOCK,
+# width, LOWRANK_BLOCK]. 32 bfloat16 columns are one 64-byte cache line, and the expand's loop
+# keeps two AVX-512 accumulators instead of one: blocks of 16 cost a three-expert mixture ~1.3 ms a
+# token, blocks of 32 ~0.85 (benchmarks/RESULTS.md, eleventh session).
+LOWRANK_BLOCK = 32
 
 
 # The compiled step's mixture width (its ranks summed per projection) is a multiple of this: one
@@ -323,7 +325,7 @@ def adapter_layouts(model: nn.Module, active: list[int], dtype: torch.dtype) -> 
     for three adapters on SmolLM2, every new mixture; benchmarks/RESULTS.md, tenth session).
 
     Per adapter, per group of DECODE_GROUPS, per projection, over the layers: `A` [L, r, in] and
-    `B` [L, out/16, r, 16] (scaled by g_i * s_i, dtype), zeros in the layers the adapter does not
+    `B` [L, out/32, r, 32] (scaled by g_i * s_i, dtype), zeros in the layers the adapter does not
     target, or both None when it targets the projection in no layer; and `g` [L, out] (g_i, 1
     where not targeted; the model's float dtype)."""
     ctx = model.adapter_context
@@ -369,8 +371,8 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
       with zeros to the mixture's width W (the largest sum on one projection, rounded up to a
       multiple of WIDTH_STEP: one r=8 expert 8, three of them 24; the graph takes W as a symbol,
       so every width is one graph and a lone expert reads a third of the bytes three do);
-    - `Bg` [L, sum out/16, W, 16]: each projection's B scaled by g_i * s_i (rebuild) and by the
-      mixture weight w_i, zero rows for the padding, in blocks of 16 output columns, the group's
+    - `Bg` [L, sum out/32, W, 32]: each projection's B scaled by g_i * s_i (rebuild) and by the
+      mixture weight w_i, zero rows for the padding, in blocks of LOWRANK_BLOCK output columns, the group's
       projections one after another, so that the expand reads the group's factors as one
       sequential stream: the factors come from DRAM on every token (the int4 backbone streams
       through the caches between two uses), and a [W, out] layout, `W` short strided streams,
@@ -457,7 +459,7 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
             g_all = torch.stack([layouts[i][gi][pi][2] for i in active])  # [n, L, out]
             g_parts.append(g_rest[None] + torch.einsum("bn,nlo->lbo", w, g_all))
         A = torch.cat(A_parts, dim=1)  # [L, P*W, in]
-        B = torch.cat(B_parts, dim=1)  # [L, sum out/16, W, 16]
+        B = torch.cat(B_parts, dim=1)  # [L, sum out/32, W, 32]
         g = torch.cat(g_parts, dim=-1)[:, :, None, :]  # [L, B, 1, sum out]
         if rows is None:
             out.append((A, B, g[:, 0]))
@@ -483,7 +485,7 @@ def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tens
     Bs = B.split([n // LOWRANK_BLOCK for n in sizes]) if sizes else (B,)
     if w is None:
         h = (x.reshape(1, x.shape[-1]) * A.float()).sum(-1)  # A [P*width, in] -> h [P*width]
-        # B [out/16, width, 16]: h [width] -> [out]
+        # B [out/32, width, 32]: h [width] -> [out]
         delta = torch.cat([(hp[None, :, None] * Bp.float()).sum(1).reshape(-1) for hp, Bp in zip(h.chunk(len(Bs)), Bs)])
         return y * g + delta
     rows = x.shape[0]
