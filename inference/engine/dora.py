@@ -16,6 +16,7 @@ style gather), never a Python loop over sequences. g_i is computed once at load.
 import json
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class AdapterContext:
         self.stacks_version = 0  # bumped whenever a DoraLinear rebuilds its stacks (adapter_layouts)
         self.layouts = None  # (stacks_version, dtype, {adapter index: its factors as the graph lays them out})
         self._last = None  # (mixture, active, weights, rest) of the last mixture
-        self.decode_lowrank = None  # (key, tensors) of the compiled decode step (decode_lowrank)
+        self.decode_lowrank = OrderedDict()  # key -> tensors of the compiled decode step, most recent last
 
     def set_mixture(self, mixture: torch.Tensor | None) -> None:
         """Called around every forward. Decode steps usually repeat the previous step's mixture, so
@@ -313,6 +314,11 @@ DECODE_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("
 LOWRANK_BLOCK = 32
 
 
+# decode_lowrank keeps the layouts of this many recent mixtures (a three-expert one: 14.6 MB on
+# SmolLM2): requests that alternate between a few experts or mixtures, as routed chats do, skip the
+# ~3 ms of laying theirs out again.
+DECODE_CACHE_SIZE = 4
+
 # The compiled step's mixture width (its ranks summed per projection) is a multiple of this: one
 # graph takes every width (a symbol), and the padding stays small.
 WIDTH_STEP = 8
@@ -391,7 +397,7 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
     mixture_plan + apply_mixture, laid out for a graph (add_lowrank). None when this mixture
     cannot take that form: a width over `width`, a bias, a projection that is not wrapped or whose
     outputs are not whole blocks, a layer without fused q|k|v and gate|up products, a batch of
-    another size. Built once per mixture (cached on the context) from each adapter's factors as
+    another size. Built once per mixture (the context keeps the last DECODE_CACHE_SIZE) from each adapter's factors as
     adapter_layouts keeps them: a new three-expert mixture costs ~4 ms on SmolLM2."""
     ctx = model.adapter_context
     layers = model.model.layers
@@ -407,10 +413,11 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
         if ctx.weights is None or ctx.weights.shape[0] != n_rows or layers[0].self_attn.q_proj.stack_A is None:
             return None
         active = ctx.active.tolist()
-        key = (ctx.version, width, dtype, rows, tuple(active), tuple(map(tuple, ctx.weights.tolist())))
-        cached = ctx.decode_lowrank
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        key = (ctx.stacks_version, width, dtype, rows, tuple(active), tuple(map(tuple, ctx.weights.tolist())))
+        cached = ctx.decode_lowrank.get(key)
+        if cached is not None:
+            ctx.decode_lowrank.move_to_end(key)
+            return cached
     for owner, names in DECODE_GROUPS:
         for layer in layers:
             for n in names:
@@ -466,7 +473,12 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
         else:
             out.append((A, B, g, torch.cat(w_parts, dim=1)[None].expand(L, -1, -1).contiguous()))
     out = tuple(out)
-    ctx.decode_lowrank = (key, out)
+    cache = ctx.decode_lowrank
+    if any(k[0] != ctx.stacks_version for k in cache):  # laid out from factors since replaced
+        cache.clear()
+    cache[key] = out
+    while len(cache) > DECODE_CACHE_SIZE:
+        cache.popitem(last=False)
     return out
 
 

@@ -246,6 +246,32 @@ def test_a_lone_sequences_mixture_is_prepared_once_and_again_when_its_adapter_ch
     assert eager != run(None, reload=False)  # the reload changes the answer
 
 
+def test_alternating_mixtures_reuse_their_layouts_until_an_adapter_changes(compiled_engines, tmp_path):
+    """Requests that alternate between a few mixtures (routed chats) find each one's factors laid
+    out from before (dora.DECODE_CACHE_SIZE of them); loading an adapter lays them out anew."""
+    from inference.engine.dora import DECODE_CACHE_SIZE, mixture_vector
+
+    path, engines = compiled_engines
+    engine, _ = engines[None]
+    model = engine.model
+    with two_adapters(engine, path, tmp_path):
+        names = model.adapter_context.names
+        mixtures = [torch.stack([mixture_vector(m, names)]) for m in
+                    ({"a": 1.0}, {"b": 1.0}, {"a": 0.5, "b": 0.5}, {"a": 0.2, "b": 0.8}, {"a": 0.9, "b": 0.1})]
+        first = [graph_lowrank(model, m) for m in mixtures[:DECODE_CACHE_SIZE]]
+        assert all(f is not None for f in first)
+        again = [graph_lowrank(model, m) for m in reversed(mixtures[:DECODE_CACHE_SIZE])]
+        assert all(a is f for a, f in zip(again, reversed(first)))
+        graph_lowrank(model, mixtures[DECODE_CACHE_SIZE])  # one more: the least recent one goes
+        assert graph_lowrank(model, mixtures[DECODE_CACHE_SIZE - 1]) is not first[-1]
+        assert graph_lowrank(model, mixtures[0]) is first[0]
+        make_peft_adapter(path, tmp_path / "a2", seed=9, r=3, targets=("q_proj", "o_proj", "up_proj", "down_proj"))
+        engine.load_adapter("a", tmp_path / "a2")
+        renewed = graph_lowrank(model, mixtures[0])
+        assert renewed is not first[0]
+        assert not torch.equal(renewed[0][0], first[0][0][0])  # the new adapter's factors
+
+
 def test_adapters_targeting_a_projection_in_some_layers_only_decode_through_the_graph(compiled_engines, tmp_path):
     """decode_lowrank lays each adapter out over every layer (zeros where it targets nothing):
     an adapter on layer 1's q_proj and layer 0's down_proj only, mixed with one on every q_proj,
