@@ -43,6 +43,14 @@ def descendants(root):
     return found
 
 
+def policy(pid):
+    """The process's scheduling policy, None once it has exited."""
+    try:
+        return os.sched_getscheduler(pid)
+    except ProcessLookupError:
+        return None
+
+
 def alive(pid):
     """Running (a zombie has exited; it only waits for whoever inherited it to reap it)."""
     try:
@@ -85,6 +93,13 @@ def test_run_script_serves_on_port_and_ctrl_c_leaves_no_process_behind(tmp_path)
             time.sleep(0.5)
         assert missing == [], names
         started = descendants(proc.pid)
+        # Background work (training, ingestion) yields the cores to chats: SCHED_IDLE, inherited
+        # by Celery's prefork children.
+        policies = {pid: policy(pid) for pid in started}
+        celery = [policies[pid] for pid, args in started.items() if "celery -A r3mes_site worker" in args]
+        assert celery and set(celery) - {None} == {os.SCHED_IDLE}, celery
+        inference = [policies[pid] for pid, args in started.items() if "r3mes worker" in args]
+        assert inference == [os.SCHED_OTHER]  # chats keep the normal policy
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         output, _ = proc.communicate(timeout=60)
