@@ -314,9 +314,9 @@ DECODE_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("
 LOWRANK_BLOCK = 32
 
 
-# decode_lowrank keeps the layouts of this many recent mixtures (a three-expert one: 14.6 MB on
-# SmolLM2): requests that alternate between a few experts or mixtures, as routed chats do, skip the
-# ~3 ms of laying theirs out again.
+# decode_lowrank keeps the layouts of this many recent mixtures (a lone three-expert one: 14.6 MB on
+# SmolLM2; a batch's holds the factors of every adapter it uses): requests that alternate between a
+# few experts or mixtures, as routed chats do, skip the ~3 ms of laying theirs out again.
 DECODE_CACHE_SIZE = 4
 
 # The compiled step's mixture width (its ranks summed per projection) is a multiple of this: one
@@ -378,8 +378,8 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
       multiple of WIDTH_STEP: one r=8 expert 8, three of them 24; the graph takes W as a symbol,
       so every width is one graph and a lone expert reads a third of the bytes three do);
     - `Bg` [L, sum out/32, W, 32]: each projection's B scaled by g_i * s_i (rebuild) and by the
-      mixture weight w_i, zero rows for the padding, in blocks of LOWRANK_BLOCK output columns, the group's
-      projections one after another, so that the expand reads the group's factors as one
+      mixture weight w_i, zero rows for the padding, in blocks of LOWRANK_BLOCK output columns,
+      the group's projections one after another, so that the expand reads the group's factors as one
       sequential stream: the factors come from DRAM on every token (the int4 backbone streams
       through the caches between two uses), and a [W, out] layout, `W` short strided streams,
       decoded 2-6 % slower (benchmarks/RESULTS.md);
@@ -397,8 +397,9 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
     mixture_plan + apply_mixture, laid out for a graph (add_lowrank). None when this mixture
     cannot take that form: a width over `width`, a bias, a projection that is not wrapped or whose
     outputs are not whole blocks, a layer without fused q|k|v and gate|up products, a batch of
-    another size. Built once per mixture (the context keeps the last DECODE_CACHE_SIZE) from each adapter's factors as
-    adapter_layouts keeps them: a new three-expert mixture costs ~4 ms on SmolLM2."""
+    another size. Built once per mixture (the context keeps the last DECODE_CACHE_SIZE) from each
+    adapter's factors as adapter_layouts keeps them: a new three-expert mixture costs ~3-4 ms on
+    SmolLM2."""
     ctx = model.adapter_context
     layers = model.model.layers
     if ctx is None or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in layers):
