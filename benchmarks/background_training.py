@@ -2,8 +2,11 @@
 worker trains the starter experts (or a mining shard): the compiled decode graph's per-call times
 (`graph_ab.py`: no adapter and a three-adapter mixture, interleaved) with nothing in the
 background, then beside a DoRA training loop (float32 engine, 2 threads, as the worker runs it)
-under `nice -n 10`, then under Linux's SCHED_IDLE policy (`chrt --idle 0`, what the Procfile
-gives the Celery worker).
+in its own session, as honcho starts each process: under `nice -n 10`; under Linux's SCHED_IDLE
+policy (`chrt --idle 0`); and under SCHED_IDLE with its session's autogroup at nice 19 (what the
+Procfile gives the Celery worker). With the kernel's autogroups (`/proc/sys/kernel/
+sched_autogroup_enabled`), CPU time is shared between sessions before a session's own processes'
+nice values and policies count.
 
     python benchmarks/background_training.py [--calls 500]
 
@@ -46,13 +49,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.trainer:
         return train_forever()
+    def idle():
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+    def idle_and_group_nice():
+        idle()
+        Path("/proc/self/autogroup").write_text("19")  # the new session's group (start_new_session)
+
     policies = {"nothing in the background": None,
                 "training under nice -n 10": lambda: os.nice(10),
-                "training under SCHED_IDLE": lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))}
+                "training under SCHED_IDLE": idle,
+                "training under SCHED_IDLE, its autogroup at nice 19": idle_and_group_nice}
     for label, policy in policies.items():
         trainer = None
         if policy is not None:
-            trainer = subprocess.Popen([sys.executable, __file__, "--trainer"], preexec_fn=policy,
+            trainer = subprocess.Popen([sys.executable, __file__, "--trainer"], preexec_fn=policy, start_new_session=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             assert trainer.stdout.readline().strip() == "training"
         try:
