@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.trainer:
         return train_forever()
+
     def idle():
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
@@ -63,8 +64,9 @@ def main() -> None:
     for label, policy in policies.items():
         trainer = None
         if policy is not None:
-            trainer = subprocess.Popen([sys.executable, __file__, "--trainer"], preexec_fn=policy, start_new_session=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            trainer = subprocess.Popen([sys.executable, __file__, "--trainer"], preexec_fn=policy,
+                                       start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True)
             assert trainer.stdout.readline().strip() == "training"
         try:
             started = time.perf_counter()
