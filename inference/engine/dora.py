@@ -436,7 +436,7 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
             g = torch.ones(L, n_rows, 1, sum_out, dtype=exact, device=device)
             w_cols = torch.zeros(L, n_rows, len(names) * width, dtype=exact, device=device)
             out.append((A, B, g[:, 0]) if rows is None else (A, B, g, w_cols))
-        return tuple(out)
+        return tuple(out) if rows is not None else pack_lowrank(out)
     w = ctx.weights.to(exact)  # [B, n]
     g_rest = ctx.rest.to(exact)  # [B, 1]
     layouts = adapter_layouts(model, active, dtype)
@@ -473,13 +473,50 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
             out.append((A, B, g[:, 0]))
         else:
             out.append((A, B, g, torch.cat(w_parts, dim=1)[None].expand(L, -1, -1).contiguous()))
-    out = tuple(out)
+    out = tuple(out) if rows is not None else pack_lowrank(out)
     cache = ctx.decode_lowrank
     if any(k[0] != ctx.stacks_version for k in cache):  # laid out from factors since replaced
         cache.clear()
     cache[key] = out
     while len(cache) > DECODE_CACHE_SIZE:
         cache.popitem(last=False)
+    return out
+
+
+def lowrank_sizes(model: nn.Module) -> tuple[tuple[int, int, int], ...]:
+    """Per group of DECODE_GROUPS: (its projections, their input width, their output widths
+    summed), as pack_lowrank lays a layer's factors out one group after another."""
+    layer = model.model.layers[0]
+    return tuple((len(names), getattr(layer, owner).get_submodule(names[0]).in_features,
+                  sum(getattr(layer, owner).get_submodule(n).out_features for n in names))
+                 for owner, names in DECODE_GROUPS)
+
+
+def pack_lowrank(groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lone sequence's groups (A [L, P*W, in], B [L, out/32, W, 32], g [L, 1, out]) as the two
+    tensors the compiled step takes: the factors `F` [L, W, n] (per layer every group's A then
+    its B, flat; W the mixture's width, a symbol of the graph, n = sum over groups of P*in + out)
+    and `G` [L, 1, sum out]. Two inputs instead of twelve: dynamo and AOT autograd's wrappers
+    cost a few microseconds per tensor input and call (benchmarks/RESULTS.md, twelfth session)."""
+    L, W = groups[0][1].shape[0], groups[0][1].shape[2]
+    F = torch.cat([t.reshape(L, -1) for A, B, _ in groups for t in (A, B)], dim=1).view(L, W, -1)
+    G = torch.cat([g for _, _, g in groups], dim=-1)
+    return F, G
+
+
+def unpack_lowrank(f: torch.Tensor, g: torch.Tensor, sizes) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One layer of pack_lowrank's tensors (f [W, n], g [1, sum out]) -> its groups' (A, B, g)
+    views, as add_lowrank takes them; `sizes`: lowrank_sizes."""
+    W = f.shape[0]
+    flat = f.reshape(-1)
+    out, at, g_at = [], 0, 0
+    for p, n_in, n_out in sizes:
+        A = flat[at:at + p * W * n_in].view(p * W, n_in)
+        at += p * W * n_in
+        B = flat[at:at + n_out * W].view(n_out // LOWRANK_BLOCK, W, LOWRANK_BLOCK)
+        at += n_out * W
+        out.append((A, B, g[:, g_at:g_at + n_out]))
+        g_at += n_out
     return out
 
 

@@ -387,12 +387,14 @@ class Engine:
                             elif dim != batch_dim:
                                 torch._dynamo.mark_static(t, dim)
 
-                    for A, B, g, *w in zeros + zeros_rows:  # w: a batch's per-row weights
+                    F, G = zeros  # a lone sequence's factors and g, packed (dora.pack_lowrank)
+                    mark(F, width_dim=1)
+                    mark(G)
+                    for A, B, g, w in zeros_rows:  # w: a batch's per-row weights
                         mark(A, width_dim=1)
                         mark(B, width_dim=2)
-                        mark(g, batch_dim=1 if w else None)
-                        if w:
-                            mark(w[0], width_dim=2, batch_dim=1)
+                        mark(g, batch_dim=1)
+                        mark(w, width_dim=2, batch_dim=1)
                     warmups += [(fn, args, zeros if fn is compiled else zeros_rows) for fn, args in calls]
             try:
                 for fn, args, lowrank in warmups:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bitlinear import BitLinear
-from .dora import DoraLinear, add_lowrank, combine_group
+from .dora import DoraLinear, add_lowrank, combine_group, lowrank_sizes, unpack_lowrank
 
 
 @dataclass
@@ -349,8 +349,9 @@ class Transformer(nn.Module):
         input_pos = torch.full((1, 1), length - 1, dtype=torch.long, device=tokens.device)
         cos, sin = self.rope(input_pos, x.dtype)
         plan = StepPlan.single(slot, length - 1)
+        sizes = lowrank_sizes(self) if lowrank is not None else None
         for i, layer in enumerate(self.model.layers):
-            layer_lowrank = NO_LOWRANK if lowrank is None else [(A[i], B[i], g[i]) for A, B, g in lowrank]
+            layer_lowrank = NO_LOWRANK if lowrank is None else unpack_lowrank(lowrank[0][i], lowrank[1][i], sizes)
             x = layer(x, cos, sin, None, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 

@@ -165,7 +165,7 @@ def test_int4_mixtures_enter_the_graph_as_bfloat16_factors_within_a_rounding_of_
         for mixture in (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.25, 0.75]])):
             full = model(torch.tensor([ids]), mixture=mixture)[0]  # eager: float32 factors
             lowrank = graph_lowrank(model, mixture)
-            assert lowrank[0][0].dtype == torch.bfloat16 and lowrank[0][2].dtype == torch.float32
+            assert lowrank[0].dtype == torch.bfloat16 and lowrank[1].dtype == torch.float32  # F, G
             model(torch.tensor([ids[:5]]), input_pos=torch.arange(5)[None], slots=torch.tensor([0]), mixture=mixture)
             for pos in range(5, 9):
                 step = graph(torch.tensor([[ids[pos]]]), 2, pos + 1 + 2, lowrank)[0, -1]
@@ -269,7 +269,7 @@ def test_alternating_mixtures_reuse_their_layouts_until_an_adapter_changes(compi
         engine.load_adapter("a", tmp_path / "a2")
         renewed = graph_lowrank(model, mixtures[0])
         assert renewed is not first[0]
-        assert not torch.equal(renewed[0][0], first[0][0][0])  # the new adapter's factors
+        assert not torch.equal(renewed[0], first[0][0])  # the new adapter's factors
 
 
 def test_adapters_targeting_a_projection_in_some_layers_only_decode_through_the_graph(compiled_engines, tmp_path):
@@ -340,7 +340,7 @@ def test_the_graph_takes_every_mixture_width_up_to_its_most_and_wider_ones_decod
                                             ({"wide": 0.5, "narrow": 0.5}, 32, 4), ({"wide": 0.5, "wider": 0.5}, 72, 0)):
             if width <= 64:
                 lowrank = graph_lowrank(engine.model, engine.mixture_matrix([Sequence([1], mixture=mixture)]))
-                assert lowrank[0][0].shape[1] == 3 * width  # q|k|v's A: three projections of `width` ranks
+                assert lowrank[0].shape[1] == width  # F [L, W, n]: the factors packed at the mixture's width
             spy = CountCalls(graph)
             mixtures = [mixture, None, None]
             got = decode(engine, PROMPTS, (9, 3, 5), mixtures=mixtures, compiled=spy)
