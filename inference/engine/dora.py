@@ -371,7 +371,8 @@ def adapter_layouts(model: nn.Module, active: list[int], dtype: torch.dtype) -> 
 @torch.inference_mode()  # as the decode step runs (the graph guards on the tensors' dispatch keys)
 def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool = False, rows: int | None = None):
     """The adapter context's mixture of ONE sequence as the tensors that the compiled decode step
-    takes (Engine.compile_decode): per group of DECODE_GROUPS, stacked over layers,
+    takes (Engine.compile_decode), packed into two (pack_lowrank: (F, G)) from, per group of
+    DECODE_GROUPS, stacked over layers,
 
     - `A` [L, P*W, in]: each projection's active A factors stacked, their ranks summed and padded
       with zeros to the mixture's width W (the largest sum on one projection, rounded up to a
@@ -390,7 +391,8 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
 
     `rows`: the mixtures of a BATCH of that many sequences instead (Transformer.decode_rows), the
     factors of every adapter the batch uses once, unweighted, plus per row: `g` [L, B, 1, sum out]
-    and the weights `w` [L, B, P*W] of each rank column (the shrink is weighed per row).
+    and the weights `w` [B, P*W] of each rank column (the shrink is weighed per row); packed into
+    three (F, G, Wt).
 
     `dtype` is the factors' (Engine.compile_decode: bfloat16 in the quantised modes, where it
     halves the bytes read per token; they are accumulated in float32). The same function as
@@ -434,9 +436,9 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
             A = torch.zeros(L, len(names) * width, mods[0].in_features, dtype=dtype, device=device)
             B = torch.zeros(L, sum_out // block, width, block, dtype=dtype, device=device)
             g = torch.ones(L, n_rows, 1, sum_out, dtype=exact, device=device)
-            w_cols = torch.zeros(L, n_rows, len(names) * width, dtype=exact, device=device)
+            w_cols = torch.zeros(n_rows, len(names) * width, dtype=exact, device=device)
             out.append((A, B, g[:, 0]) if rows is None else (A, B, g, w_cols))
-        return tuple(out) if rows is not None else pack_lowrank(out)
+        return pack_lowrank(out)
     w = ctx.weights.to(exact)  # [B, n]
     g_rest = ctx.rest.to(exact)  # [B, 1]
     layouts = adapter_layouts(model, active, dtype)
@@ -472,8 +474,8 @@ def decode_lowrank(model: nn.Module, width: int, dtype: torch.dtype, zeros: bool
         if rows is None:
             out.append((A, B, g[:, 0]))
         else:
-            out.append((A, B, g, torch.cat(w_parts, dim=1)[None].expand(L, -1, -1).contiguous()))
-    out = tuple(out) if rows is not None else pack_lowrank(out)
+            out.append((A, B, g, torch.cat(w_parts, dim=1)))
+    out = pack_lowrank(out)
     cache = ctx.decode_lowrank
     if any(k[0] != ctx.stacks_version for k in cache):  # laid out from factors since replaced
         cache.clear()
@@ -492,31 +494,39 @@ def lowrank_sizes(model: nn.Module) -> tuple[tuple[int, int, int], ...]:
                  for owner, names in DECODE_GROUPS)
 
 
-def pack_lowrank(groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """A lone sequence's groups (A [L, P*W, in], B [L, out/32, W, 32], g [L, 1, out]) as the two
-    tensors the compiled step takes: the factors `F` [L, W, n] (per layer every group's A then
-    its B, flat; W the mixture's width, a symbol of the graph, n = sum over groups of P*in + out)
-    and `G` [L, 1, sum out]. Two inputs instead of twelve: dynamo and AOT autograd's wrappers
-    cost a few microseconds per tensor input and call (benchmarks/RESULTS.md, twelfth session)."""
+def pack_lowrank(groups) -> tuple[torch.Tensor, ...]:
+    """The groups of DECODE_GROUPS, (A [L, P*W, in], B [L, out/32, W, 32], g [L, (B,) 1, out]) and
+    for a batch `w` [B, P*W], as the tensors the compiled step takes: the factors `F` [L, W, n]
+    (per layer every group's A then its B, flat; W the mixture's width, a symbol of the graph,
+    n = sum over groups of P*in + out), `G` [L, (B,) 1, sum out] and for a batch `Wt` [B, sum P, W].
+    Two or three inputs instead of 12 or 16: dynamo's and AOT autograd's wrappers cost
+    microseconds per tensor input and call, and each layer's factors are one stream
+    (benchmarks/RESULTS.md, twelfth session)."""
     L, W = groups[0][1].shape[0], groups[0][1].shape[2]
-    F = torch.cat([t.reshape(L, -1) for A, B, _ in groups for t in (A, B)], dim=1).view(L, W, -1)
-    G = torch.cat([g for _, _, g in groups], dim=-1)
-    return F, G
+    F = torch.cat([t.reshape(L, -1) for A, B, *_ in groups for t in (A, B)], dim=1).view(L, W, -1)
+    G = torch.cat([group[2] for group in groups], dim=-1)
+    if len(groups[0]) == 3:
+        return F, G
+    return F, G, torch.cat([w.view(w.shape[0], -1, W) for *_, w in groups], dim=1)
 
 
-def unpack_lowrank(f: torch.Tensor, g: torch.Tensor, sizes) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One layer of pack_lowrank's tensors (f [W, n], g [1, sum out]) -> its groups' (A, B, g)
-    views, as add_lowrank takes them; `sizes`: lowrank_sizes."""
+def unpack_lowrank(f: torch.Tensor, g: torch.Tensor, sizes, w: torch.Tensor | None = None) -> list[tuple]:
+    """One layer of pack_lowrank's tensors (f [W, n], g [(B,) 1, sum out], a batch's w [B, sum P,
+    W]) -> its groups' (A, B, g[, w]) views, as add_lowrank takes them; `sizes`: lowrank_sizes."""
     W = f.shape[0]
     flat = f.reshape(-1)
-    out, at, g_at = [], 0, 0
+    out, at, g_at, p_at = [], 0, 0, 0
     for p, n_in, n_out in sizes:
         A = flat[at:at + p * W * n_in].view(p * W, n_in)
         at += p * W * n_in
         B = flat[at:at + n_out * W].view(n_out // LOWRANK_BLOCK, W, LOWRANK_BLOCK)
         at += n_out * W
-        out.append((A, B, g[:, g_at:g_at + n_out]))
+        group = (A, B, g[..., g_at:g_at + n_out])
         g_at += n_out
+        if w is not None:
+            group += (w[:, p_at:p_at + p].reshape(w.shape[0], p * W),)
+            p_at += p
+        out.append(group)
     return out
 
 

@@ -390,11 +390,10 @@ class Engine:
                     F, G = zeros  # a lone sequence's factors and g, packed (dora.pack_lowrank)
                     mark(F, width_dim=1)
                     mark(G)
-                    for A, B, g, w in zeros_rows:  # w: a batch's per-row weights
-                        mark(A, width_dim=1)
-                        mark(B, width_dim=2)
-                        mark(g, batch_dim=1)
-                        mark(w, width_dim=2, batch_dim=1)
+                    F, G, Wt = zeros_rows  # a batch's: and its rows' weights
+                    mark(F, width_dim=1)
+                    mark(G, batch_dim=1)
+                    mark(Wt, width_dim=2, batch_dim=0)
                     warmups += [(fn, args, zeros if fn is compiled else zeros_rows) for fn, args in calls]
             try:
                 for fn, args, lowrank in warmups:

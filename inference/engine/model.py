@@ -368,9 +368,9 @@ class Transformer(nn.Module):
         plan = StepPlan.rows(slot_start)
         key_pos = torch.arange(length, device=tokens.device)
         mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, length]
+        sizes = lowrank_sizes(self) if lowrank is not None else None
         for i, layer in enumerate(self.model.layers):
-            layer_lowrank = (NO_LOWRANK if lowrank is None
-                             else [(A[i], B[i], g[i], w[i]) for A, B, g, w in lowrank])
+            layer_lowrank = NO_LOWRANK if lowrank is None else unpack_lowrank(lowrank[0][i], lowrank[1][i], sizes, lowrank[2])
             x = layer(x, cos, sin, mask, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 
