@@ -17,6 +17,7 @@ from .errors import AdapterError, ContextLengthExceeded, EngineError
 from .generate import Batch, SamplingParams, Sequence, generate, quick_gil_while_compiling
 from .loaders import load_model, prepare_default_model
 from .model import Transformer
+from .prefetch import factor_prefetch
 from .bitlinear import BitLinear
 from .speed import QUANT_MODES, optimize_model, quantised
 from .tokenizer import Tokenizer
@@ -399,9 +400,12 @@ class Engine:
                 for fn, args, lowrank in warmups:
                     # The mixture's loops are small (a few hundred KB of factors each, read from
                     # DRAM): run serially, as the rest of the step's own loops are, they skip an
-                    # OpenMP fork and barriers each (benchmarks/RESULTS.md, fifth session).
-                    with (inductor_config.patch({"cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS}) if lowrank is not None
-                          else contextlib.nullcontext()):
+                    # OpenMP fork and barriers each (benchmarks/RESULTS.md, fifth session); and
+                    # they prefetch the factors ahead of their loads (prefetch.py).
+                    if lowrank is None:
+                        warm_up(fn, args, lowrank)
+                        continue
+                    with inductor_config.patch({"cpp.min_chunk_size": SERIAL_LOOP_ELEMENTS}), factor_prefetch():
                         warm_up(fn, args, lowrank)
             except Exception as exc:  # Inductor needs a working C++ toolchain; eager still serves
                 log.warning("compile_decode failed, decoding eagerly: %s: %s", type(exc).__name__, exc)
