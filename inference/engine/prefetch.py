@@ -8,7 +8,7 @@ ahead of every bfloat16 vector load (the factors are the graphs' bfloat16 stream
 loops read at about the rate of a plain streaming read (benchmarks/RESULTS.md, twelfth session).
 
 Inductor has no switch for this, so `factor_prefetch` wraps its C++ vector kernel's `load` while a
-mixture graph is lowered: each contiguous bfloat16 load gets a `__builtin_prefetch` line before it
+mixture graph is lowered: each contiguous bfloat16 load gets a `__builtin_prefetch` line beside it
 (GCC and Clang, any CPU; a prefetch never faults, so reading past a tensor's end is harmless). A
 graph pass that changes nothing carries the setting into Inductor's cache keys, so a graph cached
 without prefetches is not reused for one with them, or the other way round. Should Inductor's
@@ -22,9 +22,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 log = logging.getLogger(__name__)
 
-# How far ahead of each load the prefetched line is: 4 KB is a few rows of A (576 or 1536
-# bfloat16 wide) or of B's blocks ahead, what the loops read in ~0.1 us. Measured against 2 and 8 KB
-# (benchmarks/RESULTS.md, twelfth session).
+# How far ahead of each load the prefetched line is: 8 KB is 3-7 rows of A (576 or 1536 bfloat16
+# wide) or 5 of B's blocks (W=24) ahead, and past a group's end it reaches the next factors the
+# step reads. Measured against 2, 4 and 16 KB (benchmarks/RESULTS.md, twelfth session).
 PREFETCH_BYTES = 8192
 
 
@@ -56,6 +56,10 @@ def factor_prefetch():
                 index = self.rename_indexing(index)
                 if self._try_get_const_stride(index, self.itervars[self.tiling_idx]) == 1:
                     address = f"{self.args.input(name)} + {cpp_codegen.cexpr_index(index)}"
+                    prefetched = self.__dict__.setdefault("_prefetched", set())  # a load CSE hands back again
+                    if address in prefetched:
+                        return var
+                    prefetched.add(address)
                     self.loads.writeline(
                         f"__builtin_prefetch(reinterpret_cast<const char*>({address}) + {PREFETCH_BYTES});")
         except Exception as exc:  # Inductor's internals moved: the kernel stays as Inductor wrote it
