@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import triton_kernels
+from . import int4mm, triton_kernels
 from .bitlinear import dense_weight
 from .errors import AdapterError, MixtureError, UnknownAdapter
 
@@ -510,24 +510,37 @@ def pack_lowrank(groups) -> tuple[torch.Tensor, ...]:
     return F, G, torch.cat([w.view(w.shape[0], -1, W) for *_, w in groups], dim=1)
 
 
-def unpack_lowrank(f: torch.Tensor, g: torch.Tensor, sizes, w: torch.Tensor | None = None) -> list[tuple]:
-    """One layer of pack_lowrank's tensors (f [W, n], g [(B,) 1, sum out], a batch's w [B, sum P,
-    W]) -> its groups' (A, B, g[, w]) views, as add_lowrank takes them; `sizes`: lowrank_sizes."""
-    W = f.shape[0]
-    flat = f.reshape(-1)
-    out, at, g_at, p_at = [], 0, 0, 0
+def unpack_lowrank(lowrank: tuple, layer: int, sizes) -> list[tuple]:
+    """Layer `layer` of pack_lowrank's tensors (F, G[, Wt]) -> per group of DECODE_GROUPS
+    (F, a_at, G, g_at, Wt, w_at): the element offsets in them where the group's A, g and rows'
+    weights start (its B follows its A). lowrank_product reads them in place (a view per factor
+    costs the compiled step microseconds per call, four calls a layer); lowrank_views makes the
+    views. `sizes`: lowrank_sizes."""
+    F, G = lowrank[0], lowrank[1]
+    Wt = lowrank[2] if len(lowrank) > 2 else None
+    W = F.shape[1]
+    out, at, g_at, p_at = [], layer * F.stride(0), layer * G.stride(0), 0
     for p, n_in, n_out in sizes:
-        A = flat[at:at + p * W * n_in].view(p * W, n_in)
-        at += p * W * n_in
-        B = flat[at:at + n_out * W].view(n_out // LOWRANK_BLOCK, W, LOWRANK_BLOCK)
-        at += n_out * W
-        group = (A, B, g[..., g_at:g_at + n_out])
+        out.append((F, at, G, g_at, Wt, p_at * W))
+        at += p * W * n_in + n_out * W
         g_at += n_out
-        if w is not None:
-            group += (w[:, p_at:p_at + p].reshape(w.shape[0], p * W),)
-            p_at += p
-        out.append(group)
+        p_at += p
     return out
+
+
+def lowrank_views(group: tuple, p: int, n_in: int, n_out: int) -> tuple:
+    """One unpack_lowrank group as views, as add_lowrank takes them: A [P*W, in], B [out/32, W, 32],
+    g [(B,) 1, out] and for a batch w [B, P*W]."""
+    F, a_at, G, g_at, Wt, w_at = group
+    W = F.shape[1]
+    flat = F.reshape(-1)
+    A = flat[a_at:a_at + p * W * n_in].view(p * W, n_in)
+    B = flat[a_at + p * W * n_in:a_at + p * W * n_in + n_out * W].view(n_out // LOWRANK_BLOCK, W, LOWRANK_BLOCK)
+    rows = 1 if G.dim() == 3 else G.shape[1]
+    g = G.reshape(-1)[g_at:].as_strided((rows, 1, n_out), (G.shape[-1], G.shape[-1], 1))
+    if Wt is None:
+        return A, B, g[0]
+    return A, B, g, Wt.reshape(rows, -1)[:, w_at:w_at + p * W]
 
 
 def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, g: torch.Tensor,
@@ -553,6 +566,22 @@ def add_lowrank(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tens
     delta = torch.cat([(hp[:, None, :, None] * Bp.float()).sum(2).reshape(rows, 1, -1)
                        for hp, Bp in zip(h.chunk(len(Bs), dim=-1), Bs)], dim=-1)
     return y * g + delta
+
+
+def lowrank_product(module: nn.Module, x: torch.Tensor, group: tuple, sizes: tuple[int, ...]) -> torch.Tensor:
+    """module(x), a backbone product inside a compiled decode step, plus one unpack_lowrank group's
+    low-rank paths (add_lowrank; `sizes`: the output widths of the group's projections). One call
+    of our int4 kernel with the paths fused in where `module` runs on it (int4mm.int4_mm_lowrank:
+    the factors read in place, the shrink's rows and the expand's blocks split over the threads);
+    else the product, then add_lowrank's loops."""
+    if (getattr(module, "scales_and_zeros", False) is None and module.bias is None and x.dtype == torch.float32
+            and module.out_features == module.weight.shape[0] * int4mm.BLOCK):
+        F, a_at, G, g_at, Wt, w_at = group
+        out = int4mm.int4_mm_lowrank(x.reshape(-1, x.shape[-1]), module.weight, F, a_at, G, g_at, Wt, w_at,
+                                     list(sizes))
+        return out.view(*x.shape[:-1], out.shape[-1])
+    views = lowrank_views(group, len(sizes), x.shape[-1], sum(sizes))
+    return add_lowrank(x, module(x), *views, sizes=sizes if len(sizes) > 1 else None)
 
 
 def combine_group(modules, x: torch.Tensor, y: torch.Tensor, owner: nn.Module) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bitlinear import BitLinear
-from .dora import DoraLinear, add_lowrank, combine_group, lowrank_sizes, unpack_lowrank
+from .dora import DoraLinear, combine_group, lowrank_product, lowrank_sizes, unpack_lowrank
 
 
 @dataclass
@@ -195,11 +195,13 @@ class Attention(nn.Module):
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_proj is not None:
             # One fused backbone product for q|k|v (with or without adapters), RoPE on q and k in one go.
-            qkv = self.qkv_proj(x)  # [B, T, (H + 2 Hkv) hd]; adapters add to its rows:
+            # [B, T, (H + 2 Hkv) hd]; adapters add to its rows:
             if lowrank is None:
-                qkv = combine_group((self.q_proj, self.k_proj, self.v_proj), x, qkv, self)
+                qkv = combine_group((self.q_proj, self.k_proj, self.v_proj), x, self.qkv_proj(x), self)
             elif lowrank[0] is not None:
-                qkv = add_lowrank(x, qkv, *lowrank[0], sizes=(H * hd, Hkv * hd, Hkv * hd))
+                qkv = lowrank_product(self.qkv_proj, x, lowrank[0], (H * hd, Hkv * hd, Hkv * hd))
+            else:
+                qkv = self.qkv_proj(x)
             qkv = qkv.view(B, T, H + 2 * Hkv, hd)
             qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), cos, sin)  # [B, H+Hkv, T, hd]
             q, k = qk[:, :H], qk[:, H:]
@@ -221,8 +223,8 @@ class Attention(nn.Module):
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
         if lowrank is not None:
-            out = backbone(self.o_proj)(y)
-            return out if lowrank[1] is None else add_lowrank(y, out, *lowrank[1])
+            o_proj = backbone(self.o_proj)
+            return o_proj(y) if lowrank[1] is None else lowrank_product(o_proj, y, lowrank[1], (o_proj.out_features,))
         return self.o_proj(y)
 
 
@@ -243,15 +245,15 @@ class MLP(nn.Module):
             if lowrank is None:
                 gate_up = combine_group((self.gate_proj, self.up_proj), x, self.gate_up_proj(x), self)
             elif lowrank[0] is not None:
-                gate_up = add_lowrank(x, self.gate_up_proj(x), *lowrank[0],
-                                      sizes=(self.gate_proj.out_features, self.up_proj.out_features))
+                gate_up = lowrank_product(self.gate_up_proj, x, lowrank[0],
+                                          (self.gate_proj.out_features, self.up_proj.out_features))
             else:
                 gate_up = self.gate_up_proj(x)
             gate, up = gate_up.chunk(2, dim=-1)
             h = self.ffn_sub_norm(F.relu(gate).square() * up) if self.bitnet else F.silu(gate) * up
             if lowrank is not None:
-                out = backbone(self.down_proj)(h)
-                return out if lowrank[1] is None else add_lowrank(h, out, *lowrank[1])
+                down_proj = backbone(self.down_proj)
+                return down_proj(h) if lowrank[1] is None else lowrank_product(down_proj, h, lowrank[1], (down_proj.out_features,))
             return self.down_proj(h)
         if self.bitnet:
             h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)  # [B, T, hidden]
@@ -351,7 +353,7 @@ class Transformer(nn.Module):
         plan = StepPlan.single(slot, length - 1)
         sizes = lowrank_sizes(self) if lowrank is not None else None
         for i, layer in enumerate(self.model.layers):
-            layer_lowrank = NO_LOWRANK if lowrank is None else unpack_lowrank(lowrank[0][i], lowrank[1][i], sizes)
+            layer_lowrank = NO_LOWRANK if lowrank is None else unpack_lowrank(lowrank, i, sizes)
             x = layer(x, cos, sin, None, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 
@@ -370,7 +372,7 @@ class Transformer(nn.Module):
         mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, 1, length]
         sizes = lowrank_sizes(self) if lowrank is not None else None
         for i, layer in enumerate(self.model.layers):
-            layer_lowrank = NO_LOWRANK if lowrank is None else unpack_lowrank(lowrank[0][i], lowrank[1][i], sizes, lowrank[2])
+            layer_lowrank = NO_LOWRANK if lowrank is None else unpack_lowrank(lowrank, i, sizes)
             x = layer(x, cos, sin, mask, None, input_pos, length, plan, layer_lowrank)
         return self.lm_head(self.model.norm(x)).float()
 

@@ -1,0 +1,129 @@
+"""Our int4 weight-only matmul for CPUs with AVX512-BF16 (`int4mm.cpp`, op `torch.ops.r3mes.int4_mm`).
+
+PyTorch's `_weight_int4pack_mm_for_cpu` dequantises to float32 and multiplies with FMAs: from four
+rows on it is compute-bound, so a batch of 8 sequences pays ~3x a lone one for every product
+(benchmarks/RESULTS.md, thirteenth session). Ours keeps the weights as small integers, exact in
+bfloat16, and multiplies them with VDPBF16PS (32 products an instruction), each dequantised vector
+serving every row. Same quantisation (speed.Int4Linear: W ~= (q - 8) * scale + zero per group of 32
+inputs), float32 sums: it agrees with PyTorch's kernel to float32 rounding, then bfloat16's.
+
+- `available()`: whether this CPU has AVX512-BF16 and the op is built and loaded. The source is
+  compiled with the system's g++ on first use (~40 s) into Inductor's cache directory
+  (TORCHINDUCTOR_CACHE_DIR), keyed by the source's and torch's versions; a failed build is logged
+  once and the engine keeps PyTorch's kernel.
+- `pack_int4(q, scale, zero)`: the op's layout (int4mm.cpp's header) from q [N, K] in 0..15 and
+  bfloat16 scale, zero [N, K/32]; N a multiple of 16.
+- `unpack_int4(w)`: back to (q, scale, zero), for dense_weight and tests.
+
+R3MES_INT4_KERNEL=aten keeps PyTorch's kernel even where ours runs (A/B benchmarks).
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4mm.cpp")
+GROUP = 32
+BLOCK = 16  # outputs per block
+BLOCK_BYTES = 320  # 256 bytes of nibbles, 16 bf16 scales, 16 bf16 zeros
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+def _build_dir() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "r3mes_kernels"
+
+
+def _compile(library: Path) -> None:
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    tmp = library.with_suffix(f".{os.getpid()}.tmp")
+    cmd = ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+           "-mavx512bf16", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(tmp),
+           f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    tmp.replace(library)  # atomic: another process never loads a half-written file
+
+
+@functools.cache
+def available() -> bool:
+    if os.environ.get("R3MES_INT4_KERNEL", "") == "aten" or not cpu_has_avx512_bf16():
+        return False
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    library = _build_dir() / f"int4mm_{key}.so"
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            _compile(library)
+        torch.ops.load_library(str(library))
+        _register_fake()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("int4 AVX512-BF16 kernel unavailable, using PyTorch's: %s", str(detail)[-2000:])
+        return False
+    return True
+
+
+def _register_fake() -> None:
+    """The op's shapes, for torch.compile's tracing."""
+    @torch.library.register_fake("r3mes::int4_mm")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0] * BLOCK)
+
+    @torch.library.register_fake("r3mes::int4_mm_lowrank")
+    def _(x, w, F, a_at, G, g_at, Wt, w_at, size0, size1, size2):
+        return x.new_empty(x.shape[0], w.shape[0] * BLOCK)
+
+
+def int4_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16 @ the packed weight's W^T -> [M, 16 w.shape[0]] bfloat16 (after available())."""
+    return torch.ops.r3mes.int4_mm(x, w)
+
+
+def int4_mm_lowrank(x: torch.Tensor, w: torch.Tensor, F: torch.Tensor, a_at: int, G: torch.Tensor, g_at: int,
+                    Wt: torch.Tensor | None, w_at: int, sizes: list[int]) -> torch.Tensor:
+    """One DoRA group fused with its backbone product: g * bf16(x W^T) + B((A x) * w), float32, the
+    factors, g and the rows' weights read in place from dora.pack_lowrank's tensors at those
+    element offsets (int4mm.cpp documents the shapes; dora.lowrank_product calls it)."""
+    sizes = list(sizes) + [0] * (3 - len(sizes))
+    return torch.ops.r3mes.int4_mm_lowrank(x, w, F, a_at, G, g_at, G if Wt is None else Wt, -1 if Wt is None else w_at,
+                                           *sizes)
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    N, K = q.shape
+    if N % BLOCK or K % GROUP:
+        raise ValueError(f"int4 packing needs outputs in multiples of {BLOCK} and inputs of {GROUP}, got {N}x{K}")
+    G = K // GROUP
+    # q [N, K] -> [N/16, G, chunk c 4, t 4, lane i 16, e 2] with k = 32 g + 8 c + 2 t + e
+    q = q.to(torch.int32).reshape(N // BLOCK, BLOCK, G, 4, 4, 2).permute(0, 2, 3, 4, 1, 5)
+    lanes = (q[:, :, :, 0] | q[:, :, :, 1] << 4 | q[:, :, :, 2] << 8 | q[:, :, :, 3] << 12)  # [N/16, G, 4, 16, 2]
+    nibbles = lanes.to(torch.int16).contiguous().view(torch.uint8).reshape(N // BLOCK, G, 256)
+    sz = torch.stack([scale, zero]).to(torch.bfloat16).reshape(2, N // BLOCK, BLOCK, G).permute(1, 3, 0, 2)
+    sz = sz.contiguous().view(torch.uint8).reshape(N // BLOCK, G, 64)
+    return torch.cat([nibbles, sz], dim=-1).contiguous()
+
+
+def unpack_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    blocks, G, _ = w.shape
+    lanes = w[..., :256].contiguous().view(torch.int16).to(torch.int32).reshape(blocks, G, 4, 1, BLOCK, 2)
+    q = (lanes >> torch.tensor([0, 4, 8, 12]).view(1, 1, 1, 4, 1, 1)) & 15  # [N/16, G, c, t, i, e]
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(blocks * BLOCK, G * GROUP)
+    sz = w[..., 256:].contiguous().view(torch.bfloat16).reshape(blocks, G, 2, BLOCK).permute(2, 0, 3, 1)
+    sz = sz.reshape(2, blocks * BLOCK, G)
+    return q, sz[0], sz[1]
