@@ -1,6 +1,7 @@
-// r3mes::int4_mm: x [M, K] bfloat16 times int4 weight-only W^T -> [M, N] bfloat16 (N = 16 w.size(0)), with AVX512-BF16
-// (VDPBF16PS: 32 products per instruction). Built and loaded by inference/engine/int4mm.py, which
-// documents the layout (pack_int4) and when it is used.
+// r3mes::int4_mm: x [M, K] bfloat16 times int4 weight-only W^T -> [M, N] bfloat16 (N = 16 w.size(0)),
+// with AVX512-BF16 (VDPBF16PS: 32 products per instruction); r3mes::int4_mm_lowrank: the same
+// product with a DoRA group's low-rank paths fused in (below). Built and loaded by
+// inference/engine/int4mm.py, which says when they are used.
 //
 // Why our own: PyTorch's CPU int4 kernel dequantises to float32 and multiplies with FMAs, so from
 // four rows on it is compute-bound (8 rows cost 3x one); a batch's decode step spent ~7 of its

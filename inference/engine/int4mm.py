@@ -1,19 +1,25 @@
-"""Our int4 weight-only matmul for CPUs with AVX512-BF16 (`int4mm.cpp`, op `torch.ops.r3mes.int4_mm`).
+"""Our int4 weight-only matmul for CPUs with AVX512-BF16 (`int4mm.cpp`, ops `torch.ops.r3mes.*`).
 
 PyTorch's `_weight_int4pack_mm_for_cpu` dequantises to float32 and multiplies with FMAs: from four
-rows on it is compute-bound, so a batch of 8 sequences pays ~3x a lone one for every product
-(benchmarks/RESULTS.md, thirteenth session). Ours keeps the weights as small integers, exact in
-bfloat16, and multiplies them with VDPBF16PS (32 products an instruction), each dequantised vector
-serving every row. Same quantisation (speed.Int4Linear: W ~= (q - 8) * scale + zero per group of 32
+rows on it is compute-bound (8 rows cost ~3x one), and one row reads memory at well under the
+machine's rate. Ours keeps the weights as small integers, exact in bfloat16, and multiplies them
+with VDPBF16PS (32 products an instruction), each dequantised vector serving every row: 1.8-3.3x
+PyTorch's on SmolLM2's shapes at one row, ~2x at eight (benchmarks/RESULTS.md, thirteenth
+session). Same quantisation (speed.Int4Linear: W ~= (q - 8) * scale + zero per group of 32
 inputs), float32 sums: it agrees with PyTorch's kernel to float32 rounding, then bfloat16's.
 
-- `available()`: whether this CPU has AVX512-BF16 and the op is built and loaded. The source is
-  compiled with the system's g++ on first use (~40 s) into Inductor's cache directory
+- `int4_mm(x, w)`: what Int4Linear calls, eager and in the compiled graphs.
+- `int4_mm_lowrank(...)`: a compiled decode step's DoRA group (q|k|v, o, gate|up, down) fused
+  into its backbone product (dora.lowrank_product): the factors are read in place from the step's
+  packed tensors, one thread shrinks while the other starts on the product, and the expand is
+  added as each block of outputs comes out. One call instead of a product and Inductor's
+  single-threaded loops.
+- `available()`: whether this CPU has AVX512-BF16 and the ops are built and loaded. The source is
+  compiled with the system's g++ on first use (~10 s) into Inductor's cache directory
   (TORCHINDUCTOR_CACHE_DIR), keyed by the source's and torch's versions; a failed build is logged
   once and the engine keeps PyTorch's kernel.
-- `pack_int4(q, scale, zero)`: the op's layout (int4mm.cpp's header) from q [N, K] in 0..15 and
-  bfloat16 scale, zero [N, K/32]; N a multiple of 16.
-- `unpack_int4(w)`: back to (q, scale, zero), for dense_weight and tests.
+- `pack_int4(q, scale, zero)`: the ops' layout (int4mm.cpp's header) from q [N, K] in 0..15 and
+  bfloat16 scale, zero [N, K/32]; N a multiple of 16. `unpack_int4(w)`: back again.
 
 R3MES_INT4_KERNEL=aten keeps PyTorch's kernel even where ours runs (A/B benchmarks).
 """

@@ -1,5 +1,10 @@
 """Software prefetch in the compiled mixture graphs' loops (Engine.compile_decode).
 
+Where the int4 products run on our kernel (int4mm.cpp, CPUs with AVX512-BF16), the mixture's
+low-rank paths are fused into that kernel and the graphs have no such loops; these prefetches
+serve the other modes (bfloat16, int8) and CPUs without AVX512-BF16, whose graphs keep
+dora.add_lowrank's loops.
+
 A mixture's low-rank factors come from DRAM on every decode step: the int4 backbone streams ~84
 MB through the caches between two uses of a layer's factors (14.6 MB a token for three r=8
 experts on SmolLM2). Inductor's loops read them on one core with the hardware prefetcher alone,
