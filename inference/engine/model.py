@@ -253,7 +253,9 @@ class MLP(nn.Module):
             h = self.ffn_sub_norm(F.relu(gate).square() * up) if self.bitnet else F.silu(gate) * up
             if lowrank is not None:
                 down_proj = backbone(self.down_proj)
-                return down_proj(h) if lowrank[1] is None else lowrank_product(down_proj, h, lowrank[1], (down_proj.out_features,))
+                if lowrank[1] is None:
+                    return down_proj(h)
+                return lowrank_product(down_proj, h, lowrank[1], (down_proj.out_features,))
             return self.down_proj(h)
         if self.bitnet:
             h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)  # [B, T, hidden]

@@ -122,7 +122,8 @@ class Int4Linear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         if self.scales_and_zeros is None:
             q, scale, zero = int4mm.unpack_int4(self.weight)
-            w = (q.float() - 8).view(q.shape[0], -1, self.group_size) * scale.float()[..., None] + zero.float()[..., None]
+            groups = (q.float() - 8).view(q.shape[0], -1, self.group_size)
+            w = groups * scale.float()[..., None] + zero.float()[..., None]
             return w.view(q.shape)[: self.out_features]
         # The packed layout is the kernel's own; the product with the identity reads it back (W^T).
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight.device)
