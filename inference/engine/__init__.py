@@ -1,4 +1,5 @@
-"""R3MES inference engine: pure PyTorch (no Django imports anywhere in this package)."""
+"""R3MES inference engine: PyTorch, plus one C++ int4 kernel (int4mm.cpp, built on first use); no Django
+imports anywhere in this package."""
 
 from .engine import Engine
 from .errors import (

@@ -9,8 +9,9 @@ need) and the per-projection modules stay where adapters expect them (HF module 
   where adapters expect them, and a DoRA wrapper adds its low-rank paths to its rows of the fused
   product (`DoraLinear.combine`), so adapters never cost a second backbone product.
 - `quantize_model(model, "int8" | "int4")`: every decoder projection and the lm_head become
-  weight-only quantised linears on PyTorch's CPU kernels (`_weight_int8pack_mm`,
-  `_weight_int4pack_mm_for_cpu`). Activations enter those kernels in bfloat16 (the kernels'
+  weight-only quantised linears: int8 on PyTorch's `_weight_int8pack_mm`, int4 on our
+  AVX512-BF16 kernel (int4mm) where the CPU has it, else PyTorch's `_weight_int4pack_mm_for_cpu`.
+  Activations enter those kernels in bfloat16 (the kernels'
   fast path here; float32 activations take a scalar path that is 10-100x slower) and the result
   is cast back, so the rest of the model (norms, attention, residual stream) keeps its dtype.
   The embedding lookup stays exact (it reads one row per token).
