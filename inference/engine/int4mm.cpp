@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -70,7 +71,8 @@ inline void block(const uint8_t* w, const uint16_t* x, int64_t ldx, const float*
         const __m512bh v = (__m512bh)_mm512_ternarylogic_epi32(s, nibble, bias, 0xEA);
         const int64_t k = 8 * c + 2 * t;
         for (int m = 0; m < ROWS; ++m) {
-          const int32_t pair = *(const int32_t*)(xg + m * ldx + k);
+          int32_t pair;  // x[m, k], x[m, k + 1]: one 32-bit lane to broadcast
+          std::memcpy(&pair, xg + m * ldx + k, sizeof pair);
           __m512& a = acc[m][(4 * c + t) % ACC];
           a = _mm512_dpbf16_ps(a, v, (__m512bh)_mm512_set1_epi32(pair));
         }
