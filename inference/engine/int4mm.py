@@ -15,9 +15,9 @@ inputs), float32 sums: it agrees with PyTorch's kernel to float32 rounding, then
   added as each block of outputs comes out. One call instead of a product and Inductor's
   single-threaded loops.
 - `available()`: whether this CPU has AVX512-BF16 and the ops are built and loaded. The source is
-  compiled with the system's g++ on first use (~10 s) into Inductor's cache directory
-  (TORCHINDUCTOR_CACHE_DIR), keyed by the source's and torch's versions; a failed build is logged
-  once and the engine keeps PyTorch's kernel.
+  compiled with the system's g++ on first use (~10 s) into PyTorch's extensions directory
+  (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), keyed by the source's and torch's
+  versions; a failed build is logged once and the engine keeps PyTorch's kernel.
 - `pack_int4(q, scale, zero)`: the ops' layout (int4mm.cpp's header) from q [N, K] in 0..15 and
   bfloat16 scale, zero [N, K/32]; N a multiple of 16. `unpack_int4(w)`: back again.
 
@@ -50,9 +50,12 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 def _build_dir() -> Path:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    """PyTorch's own place for C++ extensions (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions):
+    one build per machine, shared by instances side by side (the file name is the source's and
+    torch's hash, and a build lands by an atomic rename)."""
+    from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(cache_dir()) / "r3mes_kernels"
+    return Path(get_default_build_root()) / "r3mes"
 
 
 def _compile(library: Path) -> None:
