@@ -19,7 +19,7 @@ from .loaders import load_model, prepare_default_model
 from .model import Transformer
 from .prefetch import factor_prefetch
 from .bitlinear import BitLinear
-from .speed import QUANT_MODES, optimize_model, quantised
+from .speed import QUANT_MODES, Int4Linear, optimize_model, quantised
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -476,6 +476,9 @@ class Engine:
             "backend": "pytorch-cuda" if self.device.type == "cuda" else "pytorch-cpu",
             # the Triton kernels (W2A8 ternary matmul, fused DoRA mixtures) run: CUDA + the optional extra
             "triton_kernels": self.device.type == "cuda" and triton_kernels.available(),
+            # which kernel runs the int4 products: ours (int4mm.cpp, AVX512-BF16) or PyTorch's
+            "int4_kernel": (None if not isinstance(self.model.lm_head, Int4Linear) else  # int4: every product
+                            "avx512-bf16" if self.model.lm_head.scales_and_zeros is None else "pytorch"),
             "threads": torch.get_num_threads(),
             # a lone sequence decodes through the torch.compile'd graphs, with a mixture whose
             # ranks sum to at most compiled_mixture_rank too

@@ -26,6 +26,7 @@ def test_capabilities_report_device_precision_backend_and_model(engine):
     caps = engine.capabilities()
     assert caps["device"] == "cpu" and caps["backend"] == "pytorch-cpu"
     assert caps["dtype"] == caps["precision"] == "float32"
+    assert caps["int4_kernel"] is None  # no int4 products in this mode
     assert caps["arch"] == "llama" and caps["ternary"] is False and caps["weights"] == "dense"
     assert caps["context_length"] == 8192 and caps["vocab_size"] == 49152
     assert 130e6 < caps["n_params"] < 140e6  # SmolLM2-135M, tied embeddings counted once

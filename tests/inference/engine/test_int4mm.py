@@ -7,7 +7,7 @@ kernel, which test_speed_modes covers) -- they cannot run there, nothing is mock
 import pytest
 import torch
 
-from inference.engine import dora, int4mm
+from inference.engine import Engine, dora, int4mm
 from inference.engine.speed import Int4Linear
 
 pytestmark = pytest.mark.skipif(not int4mm.available(), reason="this CPU has no AVX512-BF16 (int4mm.cpp)")
@@ -68,6 +68,12 @@ def test_int4_linear_on_our_kernel_equals_it_on_pytorchs(monkeypatch):
     torch.testing.assert_close(part(x), ours(x)[:, 16:48])
     with pytest.raises(ValueError, match="16-row blocks"):
         ours.rows(8, 40)
+
+
+def test_engine_reports_which_kernel_runs_its_int4_products(tiny_llama_dir, monkeypatch):
+    assert Engine.load(tiny_llama_dir, quant="int4").capabilities()["int4_kernel"] == "avx512-bf16"
+    monkeypatch.setattr(int4mm, "available", lambda: False)  # as on a CPU without AVX512-BF16
+    assert Engine.load(tiny_llama_dir, quant="int4").capabilities()["int4_kernel"] == "pytorch"
 
 
 def packed_group(sizes, n_in, width, rows, layers=2, seed=0):
