@@ -77,6 +77,7 @@ def available() -> bool:
     library = _build_dir() / f"int4mm_{key}.so"
     try:
         if not library.exists():
+            log.info("building the int4 AVX512-BF16 kernel into %s (once per machine, ~10 s)", library)
             library.parent.mkdir(parents=True, exist_ok=True)
             _compile(library)
         torch.ops.load_library(str(library))
