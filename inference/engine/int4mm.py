@@ -55,7 +55,7 @@ def _build_dir() -> Path:
     torch's hash, and a build lands by an atomic rename)."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(get_default_build_root()) / "r3mes"
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "r3mes"
 
 
 def _compile(library: Path) -> None:
