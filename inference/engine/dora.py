@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from . import int4mm, triton_kernels
 from .bitlinear import dense_weight
 from .errors import AdapterError, MixtureError, UnknownAdapter
+from .speed import Int4Linear
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -574,8 +575,8 @@ def lowrank_product(module: nn.Module, x: torch.Tensor, group: tuple, sizes: tup
     of our int4 kernel with the paths fused in where `module` runs on it (int4mm.int4_mm_lowrank:
     the factors read in place, the shrink's rows and the expand's blocks split over the threads);
     else the product, then add_lowrank's loops."""
-    if (getattr(module, "scales_and_zeros", False) is None and module.bias is None and x.dtype == torch.float32
-            and module.out_features == module.weight.shape[0] * int4mm.BLOCK):
+    if (isinstance(module, Int4Linear) and module.on_int4mm and module.bias is None and x.dtype == torch.float32
+            and module.out_features == module.weight.shape[0] * int4mm.BLOCK):  # no padding rows
         F, a_at, G, g_at, Wt, w_at = group
         out = int4mm.int4_mm_lowrank(x.reshape(-1, x.shape[-1]), module.weight, F, a_at, G, g_at, Wt, w_at,
                                      list(sizes))

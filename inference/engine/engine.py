@@ -478,7 +478,7 @@ class Engine:
             "triton_kernels": self.device.type == "cuda" and triton_kernels.available(),
             # which kernel runs the int4 products: ours (int4mm.cpp, AVX512-BF16) or PyTorch's
             "int4_kernel": (None if not isinstance(self.model.lm_head, Int4Linear) else  # int4: every product
-                            "avx512-bf16" if self.model.lm_head.scales_and_zeros is None else "pytorch"),
+                            "avx512-bf16" if self.model.lm_head.on_int4mm else "pytorch"),
             "threads": torch.get_num_threads(),
             # a lone sequence decodes through the torch.compile'd graphs, with a mixture whose
             # ranks sum to at most compiled_mixture_rank too

@@ -144,7 +144,6 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-
 // x float32 [groups * 32] -> bfloat16, and the sum of each group of 32 (of the rounded values).
 inline void to_bf16_with_group_sums(const float* x, int64_t n_groups, uint16_t* xb, float* sx) {
   for (int64_t q = 0; q < n_groups; ++q) {
@@ -201,14 +200,17 @@ inline __m512 add_expand(__m512 y, int64_t u, int half, int64_t m, const float* 
 // [N/32, W, 32] (their expands, blocks of 32 outputs, projection after projection: `sizes`);
 // G float32 [L, 1, S] (a lone sequence) or [L, M, 1, S] (a batch, one row each), the group's g
 // from element `g_at` of row 0; for a batch Wt float32 [M, sum P, W], its rows' mixture weights
-// from element `w_at` of each row. Float32 sums, as dora.add_lowrank. Both phases run in one
-// parallel region: the shrink's rows are split over the threads, then, after one barrier, the
-// blocks of 32 outputs.
+// from element `w_at` of each row (w_at < 0: a lone sequence, no rows' weights; Wt is not read).
+// `size0..2`: the output widths of the group's 1-3 projections, 0 for none. Float32 sums, as
+// dora.add_lowrank. In one parallel region, thread 0 shrinks while the others start on the
+// product (below); the expand is added to each block of outputs once h is there.
 at::Tensor int4_mm_lowrank(const at::Tensor& x, const at::Tensor& w, const at::Tensor& F, int64_t a_at,
                            const at::Tensor& G, int64_t g_at, const at::Tensor& Wt, int64_t w_at, int64_t size0,
                            int64_t size1, int64_t size2) {
-  const int64_t size_list[3] = {size0, size1, size2};
-  const at::IntArrayRef sizes(size_list, size1 == 0 ? 1 : size2 == 0 ? 2 : 3);
+  TORCH_CHECK(size0 > 0 && size1 >= 0 && size2 >= 0 && (size1 > 0 || size2 == 0),
+              "int4_mm_lowrank: sizes must be 1-3 positive output widths, then zeros");
+  const int64_t sizes[3] = {size0, size1, size2};
+  const int64_t P = size1 == 0 ? 1 : size2 == 0 ? 2 : 3;
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int4_mm_lowrank: x must be 2-d float32");
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == kBlockBytes && w.is_contiguous(),
               "int4_mm_lowrank: w must be uint8 [N/16, K/32, 320]");
@@ -216,8 +218,8 @@ at::Tensor int4_mm_lowrank(const at::Tensor& x, const at::Tensor& w, const at::T
   TORCH_CHECK(K == groups * kGroup, "int4_mm_lowrank: x has ", K, " inputs, the weight ", groups * kGroup);
   TORCH_CHECK(F.dim() == 3 && F.scalar_type() == at::kBFloat16 && F.is_contiguous(),
               "int4_mm_lowrank: F must be contiguous bfloat16 [L, W, n]");
-  const int64_t P = (int64_t)sizes.size(), W = F.size(1), R = P * W;
-  TORCH_CHECK(P > 0 && a_at >= 0 && a_at + R * K + N * W <= F.numel(), "int4_mm_lowrank: the factors overrun F");
+  const int64_t W = F.size(1), R = P * W;
+  TORCH_CHECK(a_at >= 0 && a_at + R * K + N * W <= F.numel(), "int4_mm_lowrank: the factors overrun F");
   const bool batch = G.dim() == 4;
   TORCH_CHECK((G.dim() == 3 || (batch && G.size(1) == M)) && G.scalar_type() == at::kFloat && G.is_contiguous(),
               "int4_mm_lowrank: G must be contiguous float32 [L, 1, S] or [L, M, 1, S]");
@@ -231,8 +233,7 @@ at::Tensor int4_mm_lowrank(const at::Tensor& x, const at::Tensor& w, const at::T
     ldr = Wt.size(1) * W;
     TORCH_CHECK(w_at >= 0 && w_at + R <= ldr, "int4_mm_lowrank: the rows' weights overrun Wt");
   }
-  int64_t starts[8], total = 0;
-  TORCH_CHECK(P <= 8, "int4_mm_lowrank: at most 8 projections in a group");
+  int64_t starts[3], total = 0;
   for (int64_t p = 0; p < P; ++p) {
     TORCH_CHECK(sizes[p] > 0 && sizes[p] % 32 == 0, "int4_mm_lowrank: sizes must be multiples of 32");
     starts[p] = total;

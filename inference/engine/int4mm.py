@@ -110,6 +110,8 @@ def int4_mm_lowrank(x: torch.Tensor, w: torch.Tensor, F: torch.Tensor, a_at: int
     """One DoRA group fused with its backbone product: g * bf16(x W^T) + B((A x) * w), float32, the
     factors, g and the rows' weights read in place from dora.pack_lowrank's tensors at those
     element offsets (int4mm.cpp documents the shapes; dora.lowrank_product calls it)."""
+    if not 1 <= len(sizes) <= 3:
+        raise ValueError(f"int4_mm_lowrank takes a group of 1-3 projections, got {len(sizes)}")
     sizes = list(sizes) + [0] * (3 - len(sizes))
     return torch.ops.r3mes.int4_mm_lowrank(x, w, F, a_at, G, g_at, G if Wt is None else Wt, -1 if Wt is None else w_at,
                                            *sizes)
@@ -123,6 +125,7 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch
     # q [N, K] -> [N/16, G, chunk c 4, t 4, lane i 16, e 2] with k = 32 g + 8 c + 2 t + e
     q = q.to(torch.int32).reshape(N // BLOCK, BLOCK, G, 4, 4, 2).permute(0, 2, 3, 4, 1, 5)
     lanes = (q[:, :, :, 0] | q[:, :, :, 1] << 4 | q[:, :, :, 2] << 8 | q[:, :, :, 3] << 12)  # [N/16, G, 4, 16, 2]
+    # 16-bit lanes as bytes (lanes over 32767 wrap to negative int16: the same bits)
     nibbles = lanes.to(torch.int16).contiguous().view(torch.uint8).reshape(N // BLOCK, G, 256)
     sz = torch.stack([scale, zero]).to(torch.bfloat16).reshape(2, N // BLOCK, BLOCK, G).permute(1, 3, 0, 2)
     sz = sz.contiguous().view(torch.uint8).reshape(N // BLOCK, G, 64)

@@ -64,10 +64,10 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """W ~= (q - 8) * scale + zero per group of INT4_GROUP_SIZE inputs (asymmetric, as gpt-fast).
 
-    Two kernels for the same numbers: ours (int4mm: AVX512-BF16, 1.3-2.7x PyTorch's, 2x at a
-    batch's 8 rows) where the CPU has it and the group is 32, else PyTorch's
-    `_weight_int4pack_mm_for_cpu`. `scales_and_zeros` None marks ours: its scales live inside
-    `weight` (int4mm.pack_int4)."""
+    Two kernels for the same numbers: ours (int4mm: AVX512-BF16, 1.6-2.3x PyTorch's at one row,
+    ~2x at a batch's 8 rows) where the CPU has it and the group is 32, else PyTorch's
+    `_weight_int4pack_mm_for_cpu`. `scales_and_zeros` None marks ours (`on_int4mm`): its scales
+    live inside `weight` (int4mm.pack_int4)."""
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor | None, in_features: int,
                  group_size: int, bias: torch.Tensor | None = None, out_features: int | None = None):
@@ -103,9 +103,14 @@ class Int4Linear(nn.Module):
         return cls(packed, sz, in_f, group_size, bias, real_out)
 
     @property
+    def on_int4mm(self) -> bool:
+        """Whether the products run on our kernel (int4mm) rather than PyTorch's."""
+        return self.scales_and_zeros is None
+
+    @property
     def row_block(self) -> int:
         """Rows viewable together: ours packs blocks of 16 outputs, PyTorch's interleaves 64."""
-        return int4mm.BLOCK if self.scales_and_zeros is None else 64
+        return int4mm.BLOCK if self.on_int4mm else 64
 
     def can_view_rows(self, start: int, end: int) -> bool:
         return start % self.row_block == 0 and (end - start) % self.row_block == 0
@@ -114,14 +119,14 @@ class Int4Linear(nn.Module):
         if not self.can_view_rows(start, end):
             raise ValueError(f"int4 rows [{start}, {end}) do not fall on {self.row_block}-row blocks")
         bias = None if self.bias is None else self.bias[start:end]
-        if self.scales_and_zeros is None:
+        if self.on_int4mm:
             return Int4Linear(self.weight[start // int4mm.BLOCK:end // int4mm.BLOCK], None, self.in_features,
                               self.group_size, bias)
         return Int4Linear(self.weight[start:end], self.scales_and_zeros[:, start:end].contiguous(), self.in_features,
                           self.group_size, bias)
 
     def dense_weight(self) -> torch.Tensor:
-        if self.scales_and_zeros is None:
+        if self.on_int4mm:
             q, scale, zero = int4mm.unpack_int4(self.weight)
             groups = (q.float() - 8).view(q.shape[0], -1, self.group_size)
             w = groups * scale.float()[..., None] + zero.float()[..., None]
@@ -134,7 +139,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if self.scales_and_zeros is None:
+        if self.on_int4mm:
             y = int4mm.int4_mm(x2, self.weight)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
@@ -144,7 +149,7 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
-        kernel = "AVX512-BF16" if self.scales_and_zeros is None else "PyTorch"
+        kernel = "AVX512-BF16" if self.on_int4mm else "PyTorch"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int4 weight-only (group {self.group_size}, {kernel} kernel)")
 

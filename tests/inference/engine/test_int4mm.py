@@ -56,7 +56,7 @@ def test_int4_linear_on_our_kernel_equals_it_on_pytorchs(monkeypatch):
     ours = Int4Linear.from_weight(weight)
     monkeypatch.setattr(int4mm, "available", lambda: False)
     theirs = Int4Linear.from_weight(weight)
-    assert ours.scales_and_zeros is None and theirs.scales_and_zeros is not None
+    assert ours.on_int4mm and not theirs.on_int4mm
     assert ours.out_features == theirs.out_features == 80  # padded to 96 rows inside, cut back
     x = torch.randn(5, 64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=2 ** -7, atol=1e-4)
@@ -126,5 +126,9 @@ def test_kernel_rejects_bad_inputs_with_clear_errors():
         int4mm.int4_mm_lowrank(x, w, F, F.numel() - 10, G, 0, None, 0, [32])
     with pytest.raises(RuntimeError, match="sizes sum to 64"):
         int4mm.int4_mm_lowrank(x, w, F, 0, G, 0, None, 0, [32, 32])
+    with pytest.raises(ValueError, match="1-3 projections, got 4"):
+        int4mm.int4_mm_lowrank(x, w, F, 0, G, 0, None, 0, [32, 32, 32, 32])
+    with pytest.raises(RuntimeError, match="1-3 positive output widths"):
+        torch.ops.r3mes.int4_mm_lowrank(x, w, F, 0, G, 0, G, -1, 32, 0, 32)
     with pytest.raises(RuntimeError, match="g overruns G"):
         int4mm.int4_mm_lowrank(x, w, F, 0, G, G.numel() - 8, None, 0, [32])
