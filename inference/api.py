@@ -181,7 +181,8 @@ async def models(request):
     ready = await _worker_health()
     return JsonResponse({"object": "list", "data": [{
         "id": MODEL_ID, "object": "model", "created": 0, "owned_by": "r3mes",
-        "r3mes": {"backbone": ready.get("model"), "weights": ready.get("weights"), "backend": ready.get("backend"),
+        "r3mes": {"backbone": ready.get("model"), "weights": ready.get("weights"), "serving": ready.get("serving"),
+                  "backend": ready.get("backend"),
                   "experts": sorted(await sync_to_async(servable_experts)())},
     }]})
 

@@ -52,6 +52,7 @@ class WorkerState:
             "backend": caps.get("backend"),
             "device": caps.get("device"),
             "weights": caps.get("weights"),
+            "serving": caps.get("serving"),
             "compiling": self.compiling,
             "compiled_decode": caps.get("compiled_decode", False),
             "compiled_mixture_rank": caps.get("compiled_mixture_rank", 0),
@@ -99,7 +100,10 @@ def load_engine():
         scheduler = Scheduler(engine, pipeline)
         warm_router()
     except Exception as exc:  # the worker stays up and reports the reason through health pings
-        state.load_error = f"{type(exc).__name__}: {exc}"
+        from inference.engine.errors import QuantModeError
+
+        name = f"R3MES_QUANT={settings.R3MES_QUANT}" if isinstance(exc, QuantModeError) else type(exc).__name__
+        state.load_error = f"{name}: {exc}"
         log.exception("model failed to load")
     else:
         state.compiling = bool(settings.R3MES_COMPILE)  # so no health reply says loaded and not compiling
@@ -365,6 +369,7 @@ class Scheduler:
                 "device": caps["device"],
                 "model": caps["model"],
                 "weights": caps["weights"],
+                "serving": caps["serving"],
                 "rag": bool(job.plan and job.plan.options.rag),
                 "routing": ("forced" if job.options.get("experts") else
                             "fast path" if job.pipeline_metrics.get("fast_path") else "hybrid"),

@@ -301,11 +301,12 @@ R3MES_DTYPE = env_str("R3MES_DTYPE", "float32")
 if R3MES_DTYPE not in ("float32", "bfloat16"):
     fail("R3MES_DTYPE", f"must be float32 or bfloat16, got {R3MES_DTYPE!r}")
 R3MES_DEVICE = env_str("R3MES_DEVICE", "auto")
-# Weight-only quantisation of the served backbone (DoRA paths stay exact). int4 is the measured
-# serving default: 3–4× float32 decode, mean KL 0.044 vs float32 (benchmarks/RESULTS.md).
-R3MES_QUANT = env_str("R3MES_QUANT", "int4")
-if R3MES_QUANT not in ("none", "int8", "int4"):
-    fail("R3MES_QUANT", f"must be none, int8 or int4, got {R3MES_QUANT!r}")
+# How the served backbone's weights are stored and multiplied (DoRA paths stay exact). auto: the
+# packed ternary kernel for BitNet b1.58 checkpoints, int4 weight-only for dense ones (3-4x float32
+# decode, mean KL 0.044 against float32: benchmarks/RESULTS.md); none keeps the float weights.
+R3MES_QUANT = env_str("R3MES_QUANT", "auto")
+if R3MES_QUANT not in ("auto", "none", "int8", "int4", "ternary"):
+    fail("R3MES_QUANT", f"must be auto, none, int8, int4 or ternary, got {R3MES_QUANT!r}")
 # Compile the decode steps (a lone sequence, a batch in a run of KV slots) in the background once
 # the worker serves (torch.compile/Inductor, ~1.6x eager decode; ~10-13 min on a cold Inductor
 # cache under R3MES_DATA_DIR, 1.5-2.5 min warm; requests decode eagerly meanwhile).

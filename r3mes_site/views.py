@@ -25,7 +25,8 @@ async def readyz(request):
     ok, checks, worker = await health.run_readiness_checks()
     body = {"status": "ready" if ok else "not ready", "checks": checks}
     if worker:
-        body["worker"] = {k: worker.get(k) for k in ("worker", "model_loaded", "model", "backend", "device", "round_trip_ms")}
+        body["worker"] = {k: worker.get(k) for k in ("worker", "model_loaded", "model", "serving", "backend", "device",
+                                                     "round_trip_ms")}
     return JsonResponse(body, status=200 if ok else 503)
 
 

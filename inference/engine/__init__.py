@@ -1,5 +1,5 @@
-"""R3MES inference engine: PyTorch, plus one C++ int4 kernel (int4mm.cpp, built on first use); no Django
-imports anywhere in this package."""
+"""R3MES inference engine: PyTorch, plus two C++ kernels built on first use (int4mm.cpp: dense int4;
+ternary.cpp: BitNet b1.58); no Django imports anywhere in this package."""
 
 from .engine import Engine
 from .errors import (
@@ -8,6 +8,7 @@ from .errors import (
     EngineError,
     MixtureError,
     ModelLoadError,
+    QuantModeError,
     TrainingError,
     UnknownAdapter,
     UnsupportedArchitecture,
@@ -18,6 +19,6 @@ from .model import ModelConfig, Transformer
 
 __all__ = [
     "AdapterError", "Batch", "ContextLengthExceeded", "Engine", "EngineError", "MixtureError", "ModelConfig",
-    "ModelLoadError", "SamplingParams", "Sequence", "TrainingError", "Transformer", "UnknownAdapter",
+    "ModelLoadError", "QuantModeError", "SamplingParams", "Sequence", "TrainingError", "Transformer", "UnknownAdapter",
     "UnsupportedArchitecture", "UnsupportedTensorType",
 ]

@@ -12,14 +12,14 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 
-from . import dora, triton_kernels
-from .errors import AdapterError, ContextLengthExceeded, EngineError
+from . import dora, ternary, triton_kernels
+from .errors import AdapterError, ContextLengthExceeded, EngineError, QuantModeError
 from .generate import Batch, SamplingParams, Sequence, generate, quick_gil_while_compiling
 from .loaders import load_model, prepare_default_model
 from .model import Transformer
 from .prefetch import factor_prefetch
 from .bitlinear import BitLinear
-from .speed import QUANT_MODES, Int4Linear, optimize_model, quantised
+from .speed import QUANT_MODES, TERNARY_HEAD_QUANT, Int4Linear, optimize_model, quantised
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,27 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def resolve_quant(quant: str | None, is_ternary: bool, device: torch.device, source: str) -> str | None:
+    """The quantisation a checkpoint runs with; "auto" picks the served one (ternary checkpoints:
+    the packed ternary kernel; dense ones: int4 on CPU). A mode that cannot run this checkpoint
+    is an EngineError naming it."""
+    on_cpu = device.type == "cpu"
+    if quant == "auto":
+        if is_ternary:
+            return "ternary" if on_cpu else ("int8" if triton_kernels.available() else None)
+        return "int4" if on_cpu else None
+    if is_ternary and quant == "int4":
+        raise QuantModeError(f"quant='int4' applies to dense checkpoints; {source} is ternary (BitNet b1.58, "
+                          "2-bit packed): use 'auto' or 'ternary' (the packed ternary kernel), or none")
+    if not is_ternary and quant == "ternary":
+        raise QuantModeError(f"quant='ternary' runs ternary (BitNet b1.58) checkpoints; {source} is dense: use 'auto', "
+                          "'int4', 'int8' or none")
+    if quant is not None and not on_cpu and not (quant == "int8" and is_ternary and triton_kernels.available()):
+        raise QuantModeError(f"quant={quant!r} uses CPU kernels; on {device} only packed ternary checkpoints run "
+                          "quantised (quant='int8', the Triton W2A8 kernel)")
+    return quant
+
+
 @contextlib.contextmanager
 def compiling(model):
     """Transformer.compiling while compile_decode runs (Batch.step decodes on one thread meanwhile)."""
@@ -99,36 +120,28 @@ class Engine:
              cache_dir: str | os.PathLike | None = None, quant: str | None = None, fuse: bool = True) -> "Engine":
         """Load a .gguf file or HF dir; with no path, the default model (converted once, cached).
 
-        `quant`: None (exact, in `dtype`), "int8" or "int4" weight-only (CPU kernels; lm_head
-        included; see benchmarks/RESULTS.md "Engine speed" for speed and quality of each).
+        `quant`: None (exact, in `dtype`); "int8" or "int4" weight-only (dense checkpoints, CPU
+        kernels, lm_head included); "ternary" (ternary checkpoints: the packed 2-bit kernel,
+        ternary.py, and an int4 head); "auto": what serves each best (resolve_quant).
         `fuse`: one q|k|v and one gate|up product per layer (same logits; adapters still apply).
         """
         start = time.perf_counter()
         torch_dtype, torch_device = _resolve_dtype(dtype), _resolve_device(device)
         if quant in ("", "none", "None", "float32", "fp32", "bfloat16", "bf16"):
             quant = None  # a settings string naming a float precision means "no weight quantisation"
-        if quant not in QUANT_MODES:
-            raise EngineError(f"quant {quant!r} is not supported (None, 'int8', 'int4')")
-        # Off CPU only the packed ternary W2A8 path exists (Triton kernel, CUDA): checked again below
-        # once the checkpoint is known to be ternary.
-        on_gpu_w2a8 = quant == "int8" and torch_device.type == "cuda" and triton_kernels.available()
-        if quant is not None and torch_device.type != "cpu" and not on_gpu_w2a8:
-            raise EngineError(f"quant={quant!r} uses PyTorch's CPU kernels; device {torch_device} is not supported")
+        if quant not in QUANT_MODES + ("auto",):
+            raise QuantModeError(f"quant {quant!r} is not supported (None, 'auto', 'int8', 'int4', 'ternary')")
         if path is None:
             path = prepare_default_model(cache_dir)
         model, tokenizer = load_model(path, torch_dtype, torch_device, ternary=ternary)
-        if quant is not None and model.config.ternary:
-            if quant != "int8":
-                raise EngineError(f"quant={quant!r} applies to dense checkpoints; {path} is ternary (2-bit packed): "
-                                  "use quant='int8' (int8 activations x packed ternary weights) or None")
+        quant = resolve_quant(quant, model.config.ternary, torch_device, str(path))
+        if quant == "int8" and model.config.ternary:
+            # W2A8 with the weights unpacked per call (PyTorch's _int_mm; on CUDA the Triton kernel)
             for module in model.modules():
                 if isinstance(module, BitLinear):
                     module.int8_kernel = True
             model.quant = "ternary-int8"
         else:
-            if quant is not None and torch_device.type != "cpu":
-                raise EngineError(f"quant={quant!r} on {torch_device}: off CPU only packed ternary checkpoints run "
-                                  "quantised (quant='int8', the Triton W2A8 kernel)")
             optimize_model(model, quant=quant, fuse=fuse)
         return cls(model, tokenizer, str(path), torch_dtype, torch_device, time.perf_counter() - start)
 
@@ -273,9 +286,8 @@ class Engine:
         model = self.model
         if model.max_batch == 0:
             raise EngineError("compile_decode needs the KV cache: create the serving batch first (new_batch)")
-        if model.config.ternary or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None
-                                       for layer in model.model.layers):
-            log.info("compile_decode: only fused dense models compile; staying eager")
+        if any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in model.model.layers):
+            log.info("compile_decode: only models with fused projections compile; staying eager")
             return False
         started = time.monotonic()
         # Pin this thread's intra-op thread count (the graphs are built for it and guard on it):
@@ -440,6 +452,26 @@ class Engine:
         yield from generate(self.model, self.tokenizer, seq, max_seq_len, self.mixture_matrix, callback, self.lock)
 
     # -- reporting -----------------------------------------------------------------------------
+    def serving_summary(self) -> str:
+        """One line saying what runs: the weights, their kernel, the head."""
+        cfg, quant = self.config, getattr(self.model, "quant", None)
+        if cfg.ternary:
+            weights = "BitNet b1.58, ternary" if cfg.arch == "bitnet" else "ternarised from dense (lossy)"
+            if quant == "ternary":
+                isa = ternary.kernel()
+                kernel = f"{isa.upper()} kernel" if isa else "PyTorch kernel (unpacked per call)"
+                return f"{weights}, 2-bit packed, {kernel}, {TERNARY_HEAD_QUANT} head"
+            if quant == "ternary-int8":
+                return f"{weights}, 2-bit packed, int8 activations (unpacked per call)"
+            return f"{weights}, 2-bit packed, {str(self.dtype).removeprefix('torch.')} reference path"
+        if quant == "int4":
+            head = self.model.lm_head
+            kernel = "AVX512-BF16 kernel" if isinstance(head, Int4Linear) and head.on_int4mm else "PyTorch kernel"
+            return f"dense, int4 weight-only, {kernel}"
+        if quant == "int8":
+            return "dense, int8 weight-only"
+        return f"dense, {str(self.dtype).removeprefix('torch.')}"
+
     def capabilities(self) -> dict:
         cfg = self.config
         fused = ("qkv_proj.", "gate_up_proj.")  # row views of these are counted as q/k/v, gate/up
@@ -465,6 +497,8 @@ class Engine:
             "arch": cfg.arch,
             "ternary": cfg.ternary,
             "weights": "ternary (BitNet b1.58, 2-bit packed)" if cfg.ternary else "dense",
+            # what runs, in words, for the pages and the API ("BitNet b1.58, ternary, ...")
+            "serving": self.serving_summary(),
             "ternarized_from_dense": cfg.ternary and cfg.arch == "llama",
             "n_params": n_params,
             "context_length": cfg.max_seq_len,
@@ -479,6 +513,10 @@ class Engine:
             # which kernel runs the int4 products: ours (int4mm.cpp, AVX512-BF16) or PyTorch's
             "int4_kernel": (None if not isinstance(self.model.lm_head, Int4Linear) else  # int4: every product
                             "avx512-bf16" if self.model.lm_head.on_int4mm else "pytorch"),
+            # which kernel runs the packed ternary products (ternary.cpp: avx512-vnni or avx2), or
+            # "pytorch" (unpacked per call); None: no packed ternary products
+            "ternary_kernel": (None if getattr(self.model, "quant", None) != "ternary" else
+                               ternary.kernel() or "pytorch"),
             "threads": torch.get_num_threads(),
             # a lone sequence decodes through the torch.compile'd graphs, with a mixture whose
             # ranks sum to at most compiled_mixture_rank too

@@ -21,6 +21,10 @@ class UnsupportedArchitecture(ModelLoadError):
     """The checkpoint's architecture / model_type is not one this engine implements."""
 
 
+class QuantModeError(EngineError):
+    """The quantisation asked for cannot run this checkpoint (int4 on a ternary one, ...)."""
+
+
 class AdapterError(EngineError):
     """A DoRA adapter is malformed or does not fit the backbone (shapes, target modules, format)."""
 

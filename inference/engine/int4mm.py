@@ -14,10 +14,8 @@ inputs), float32 sums: it agrees with PyTorch's kernel to float32 rounding, then
   packed tensors, one thread shrinks while the other starts on the product, and the expand is
   added as each block of outputs comes out. One call instead of a product and Inductor's
   single-threaded loops.
-- `available()`: whether this CPU has AVX512-BF16 and the ops are built and loaded. The source is
-  compiled with the system's g++ on first use (~10 s) into PyTorch's extensions directory
-  (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), keyed by the source's and torch's
-  versions; a failed build is logged once and the engine keeps PyTorch's kernel.
+- `available()`: whether this CPU has AVX512-BF16 and the ops are built and loaded (native.py:
+  once per machine, ~10 s; a failed build is logged once and the engine keeps PyTorch's kernel).
 - `pack_int4(q, scale, zero)`: the ops' layout (int4mm.cpp's header) from q [N, K] in 0..15 and
   bfloat16 scale, zero [N, K/32]; N a multiple of 16. `unpack_int4(w)`: back again.
 
@@ -25,15 +23,12 @@ R3MES_INT4_KERNEL=aten keeps PyTorch's kernel even where ours runs (A/B benchmar
 """
 
 import functools
-import hashlib
-import logging
 import os
-import subprocess
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from . import native
 
 SOURCE = Path(__file__).with_name("int4mm.cpp")
 GROUP = 32
@@ -49,43 +44,14 @@ def cpu_has_avx512_bf16() -> bool:
     return " avx512_bf16" in flags and " avx512bw" in flags
 
 
-def _build_dir() -> Path:
-    """PyTorch's own place for C++ extensions (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions):
-    one build per machine, shared by instances side by side (the file name is the source's and
-    torch's hash, and a build lands by an atomic rename)."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / "r3mes"
-
-
-def _compile(library: Path) -> None:
-    torch_dir = Path(torch.__file__).parent
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    tmp = library.with_suffix(f".{os.getpid()}.tmp")
-    cmd = ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-           "-mavx512bf16", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(tmp),
-           f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    tmp.replace(library)  # atomic: another process never loads a half-written file
-
-
 @functools.cache
 def available() -> bool:
     if os.environ.get("R3MES_INT4_KERNEL", "") == "aten" or not cpu_has_avx512_bf16():
         return False
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    library = _build_dir() / f"int4mm_{key}.so"
-    try:
-        if not library.exists():
-            log.info("building the int4 AVX512-BF16 kernel into %s (once per machine, ~10 s)", library)
-            library.parent.mkdir(parents=True, exist_ok=True)
-            _compile(library)
-        torch.ops.load_library(str(library))
-        _register_fake()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("int4 AVX512-BF16 kernel unavailable, using PyTorch's: %s", str(detail)[-2000:])
+    flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+    if not native.load(SOURCE, flags, "int4 AVX512-BF16 kernel"):
         return False
+    _register_fake()
     return True
 
 

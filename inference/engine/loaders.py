@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelLoadError, UnsupportedArchitecture, UnsupportedTensorType
-from .bitlinear import BitLinear
+from .bitlinear import BitLinear, pack_ternary
 from .model import ModelConfig, RotaryEmbedding, Transformer, ternarize_model
 from .tokenizer import Tokenizer
 
@@ -49,6 +49,14 @@ def _gguf_reader(path: Path):
         raise ModelLoadError(f"{path}: file not found")
     try:
         return gguf.GGUFReader(str(path))
+    except ValueError as e:
+        if "GGMLQuantizationType" not in str(e):
+            raise ModelLoadError(f"{path}: not a readable GGUF file (ValueError: {e})") from e
+        # bitnet.cpp's I2_S (type 36) and TL1/TL2 are that project's own layouts
+        raise UnsupportedTensorType(
+            f"{path}: a tensor has GGML type {str(e).split()[0]}, which this engine cannot read (bitnet.cpp's I2_S "
+            "is type 36). Ternary models load from TQ1_0 or TQ2_0 GGUF files (llama.cpp's convert_hf_to_gguf.py "
+            "--outtype tq2_0) or from the Hugging Face checkpoint directory (microsoft/bitnet-b1.58-2B-4T)") from e
     except Exception as e:  # GGUFReader raises ValueError/struct errors/IndexError on bad files
         raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
@@ -88,6 +96,39 @@ def dequantize_gguf_tensor(tensor, source: str) -> np.ndarray:
     if values.size != int(np.prod(shape)):
         raise ModelLoadError(f"{source}: tensor {tensor.name!r} holds {values.size} values, expected shape {shape}")
     return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+TERNARY_GGUF_TYPES = ("TQ1_0", "TQ2_0")
+
+
+def ternary_gguf_tensor(tensor, source: str) -> tuple[np.ndarray, float] | None:
+    """A TQ1_0 / TQ2_0 tensor -> (int8 ternary [out, in], its scale), decoded block by block
+    without a float32 copy of the weights; None when its blocks' scales differ (a dense model
+    quantised to TQ, not BitNet's one scale a tensor: the caller dequantises such a file)."""
+    import gguf
+
+    qtype = tensor.tensor_type
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    try:
+        blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, block_bytes)
+    except ValueError as e:
+        raise ModelLoadError(f"{source}: tensor {tensor.name!r} ({qtype.name}) cannot be read: {e}") from e
+    d = blocks[:, -2:].copy().view(np.float16).reshape(-1).astype(np.float32)  # each block's scale, its last 2 bytes
+    scales = np.unique(d[d != 0])
+    if scales.size > 1:
+        return None
+    # The blocks with their scale set to 1 dequantise to the ternary values themselves (gguf's own
+    # decoder, in rows of blocks: a float32 copy of one slice at a time, never of the weights).
+    ones = blocks.copy()
+    ones[:, -2:] = np.frombuffer(np.float16(1).tobytes(), dtype=np.uint8)
+    t = np.empty(ones.shape[0] * 256, dtype=np.int8)
+    step = 4096
+    for i in range(0, ones.shape[0], step):
+        t[i * 256:(i + step) * 256] = gguf.quants.dequantize(ones[i:i + step], qtype).reshape(-1)
+    if t.size != int(np.prod(shape)):
+        raise ModelLoadError(f"{source}: tensor {tensor.name!r} holds {t.size} values, expected shape {shape}")
+    return t.reshape(shape), float(scales[0]) if scales.size else 1.0
 
 
 def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -137,12 +178,34 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     if tokenizer is None:
         raise ModelLoadError(f"{path}: GGUF has no tokenizer metadata (tokenizer.ggml.tokens)")
     state = {}
+    # Ternary projections (TQ1_0, TQ2_0 with one scale a tensor, as BitNet's are) stay ternary:
+    # packed 2 bits each as a BitLinear holds them. A file whose TQ tensors are not all of that kind
+    # is dequantised whole (one model cannot mix ternary and dense projections).
+    ternary = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name in TERNARY_GGUF_TYPES and tensor.name.endswith(".weight"):
+            found = ternary_gguf_tensor(tensor, str(path))
+            if found is None:
+                ternary = {}
+                break
+            ternary[tensor.name] = found
     for tensor in reader.tensors:
         name = hf_name_for_gguf(tensor.name)
         if name is None:
             if tensor.name.startswith("rope_freqs") or tensor.name.endswith(".scale"):
                 continue
             raise ModelLoadError(f"{path}: unexpected tensor {tensor.name!r}")
+        if tensor.name in ternary:
+            t, scale = ternary.pop(tensor.name)
+            if cfg.arch == "llama" and tensor.name.endswith("attn_q.weight"):
+                t = reverse_permute(t, cfg.n_heads)
+            elif cfg.arch == "llama" and tensor.name.endswith("attn_k.weight"):
+                t = reverse_permute(t, cfg.n_kv_heads)
+            if not name.endswith("proj.weight"):
+                raise ModelLoadError(f"{path}: tensor {tensor.name!r} is ternary; only the projections may be")
+            state[name] = pack_ternary(torch.from_numpy(np.ascontiguousarray(t)))
+            state[name.replace(".weight", ".weight_scale")] = torch.tensor([scale], dtype=torch.float32)
+            continue
         w = dequantize_gguf_tensor(tensor, str(path))
         if cfg.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = reverse_permute(w, cfg.n_heads)

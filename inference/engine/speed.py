@@ -20,10 +20,14 @@ need) and the per-projection modules stay where adapters expect them (HF module 
 import torch
 import torch.nn as nn
 
-from . import int4mm
+from . import int4mm, ternary
 
 INT4_GROUP_SIZE = 32
-QUANT_MODES = (None, "int8", "int4")
+QUANT_MODES = (None, "int8", "int4", "ternary")
+# The vocabulary product of a ternary backbone (BitNet keeps its head in 16 bits): quantised like
+# the dense default's, so that a token reads the body's two bits a weight plus a head of five
+# rather than sixteen.
+TERNARY_HEAD_QUANT = "int4"
 
 
 class Int8Linear(nn.Module):
@@ -206,9 +210,15 @@ def optimize_model(model: nn.Module, quant: str | None = None, fuse: bool = True
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     if model.config.ternary:
-        if quant is not None:
-            raise ValueError("weight-only int8/int4 applies to dense checkpoints; this model is ternary (BitLinear)")
-        return model  # the packed ternary layout is row-blocked; fusing it would need a repack
+        if quant not in (None, "ternary"):
+            raise ValueError(f"weight-only {quant} applies to dense checkpoints; this model is ternary (BitLinear)")
+        if quant == "ternary":
+            ternary.pack_model(model, fuse=fuse)
+            model.lm_head = _make(model.lm_head.weight, None, TERNARY_HEAD_QUANT)
+            model.quant = quant
+        return model  # quant None: BitLinear's float path, transformers' arithmetic order
+    if quant == "ternary":
+        raise ValueError("quant 'ternary' runs ternary (BitNet b1.58) checkpoints; this model is dense")
     if getattr(model, "adapter_context", None) is not None and model.adapter_context.names:
         raise ValueError("optimize_model must run before adapters are loaded")
     for layer in model.model.layers:
@@ -234,8 +244,8 @@ def optimize_model(model: nn.Module, quant: str | None = None, fuse: bool = True
 
 
 def quantised(model: nn.Module) -> bool:
-    """Whether optimize_model gave this model int8 or int4 weight-only products."""
-    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    """Whether optimize_model gave this model int8, int4 or packed ternary products."""
+    return any(isinstance(m, (Int8Linear, Int4Linear, ternary.TernaryLinear)) for m in model.modules())
 
 
 def linear_weight_bits(model: nn.Module) -> float:

@@ -29,7 +29,7 @@ def start(env_overrides, tmp_path):
         ("DATABASE_URL", "nosuchdb://x/y", "DATABASE_URL is not a valid database URL"),
         ("REDIS_URL", "http://127.0.0.1:6379", "REDIS_URL must start with redis://"),
         ("R3MES_DTYPE", "float8", "R3MES_DTYPE must be float32 or bfloat16"),
-        ("R3MES_QUANT", "int3", "R3MES_QUANT must be none, int8 or int4"),
+        ("R3MES_QUANT", "int3", "R3MES_QUANT must be auto, none, int8, int4 or ternary"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of"),
         ("R3MES_RATE_API_PER_MINUTE", "0", "R3MES_RATE_API_PER_MINUTE must be >= 1"),
         ("R3MES_WORKER_PING_TIMEOUT", "soon", "R3MES_WORKER_PING_TIMEOUT must be a number"),
