@@ -8,6 +8,8 @@ need) and the per-projection modules stay where adapters expect them (HF module 
   The per-projection modules become row *views* of the fused weight (no second copy); they stay
   where adapters expect them, and a DoRA wrapper adds its low-rank paths to its rows of the fused
   product (`DoraLinear.combine`), so adapters never cost a second backbone product.
+- `optimize_model(model, "ternary")` on a BitNet b1.58 model: its BitLinears repacked for our
+  ternary kernel (ternary.pack_model, fused q|k|v and gate|up) and an int4 head.
 - `quantize_model(model, "int8" | "int4")`: every decoder projection and the lm_head become
   weight-only quantised linears: int8 on PyTorch's `_weight_int8pack_mm`, int4 on our
   AVX512-BF16 kernel (int4mm) where the CPU has it, else PyTorch's `_weight_int4pack_mm_for_cpu`.
