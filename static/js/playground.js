@@ -97,8 +97,8 @@ function describe(meta) {
   if (m.ttft_ms != null) parts.push(`TTFT ${Math.round(m.ttft_ms)} ms`);
   if (m.tokens_per_s != null) parts.push(`${m.tokens_per_s} tok/s`);
   if (m.backend) parts.push(m.backend);
-  if (m.serving) parts.push(m.serving);
-  else if (m.weights === "dense") parts.push("dense SmolLM2 backbone (not BitNet)");
+  if (m.weights === "dense") parts.push("dense SmolLM2 backbone (not BitNet)");
+  else if (m.serving) parts.push(m.serving);  // BitNet: "BitNet b1.58, ternary, 2-bit packed, <kernel>, int4 head"
   else if (m.weights) parts.push(m.weights);
   return parts.join(" · ");
 }
