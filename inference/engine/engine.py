@@ -12,7 +12,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 
-from . import dora, ternary, triton_kernels
+from . import dora, triton_kernels
 from .errors import AdapterError, ContextLengthExceeded, EngineError, QuantModeError
 from .generate import Batch, SamplingParams, Sequence, generate, quick_gil_while_compiling
 from .loaders import load_model, prepare_default_model
@@ -70,7 +70,7 @@ def _resolve_device(device) -> torch.device:
 def resolve_quant(quant: str | None, is_ternary: bool, device: torch.device, source: str) -> str | None:
     """The quantisation a checkpoint runs with; "auto" picks the served one (ternary checkpoints:
     the packed ternary kernel; dense ones: int4 on CPU). A mode that cannot run this checkpoint
-    is an EngineError naming it."""
+    is a QuantModeError naming it."""
     on_cpu = device.type == "cpu"
     if quant == "auto":
         if is_ternary:
@@ -78,13 +78,13 @@ def resolve_quant(quant: str | None, is_ternary: bool, device: torch.device, sou
         return "int4" if on_cpu else None
     if is_ternary and quant == "int4":
         raise QuantModeError(f"quant='int4' applies to dense checkpoints; {source} is ternary (BitNet b1.58, "
-                          "2-bit packed): use 'auto' or 'ternary' (the packed ternary kernel), or none")
+                             "2-bit packed): use 'auto' or 'ternary' (the packed ternary kernel), or none")
     if not is_ternary and quant == "ternary":
         raise QuantModeError(f"quant='ternary' runs ternary (BitNet b1.58) checkpoints; {source} is dense: use 'auto', "
-                          "'int4', 'int8' or none")
+                             "'int4', 'int8' or none")
     if quant is not None and not on_cpu and not (quant == "int8" and is_ternary and triton_kernels.available()):
         raise QuantModeError(f"quant={quant!r} uses CPU kernels; on {device} only packed ternary checkpoints run "
-                          "quantised (quant='int8', the Triton W2A8 kernel)")
+                             "quantised (quant='int8', the Triton W2A8 kernel)")
     return quant
 
 
@@ -286,8 +286,11 @@ class Engine:
         model = self.model
         if model.max_batch == 0:
             raise EngineError("compile_decode needs the KV cache: create the serving batch first (new_batch)")
-        if any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None for layer in model.model.layers):
-            log.info("compile_decode: only models with fused projections compile; staying eager")
+        # Ternary models stay eager: their graphs (the ternary op inside Inductor's C++ wrapper) have
+        # no test yet of giving the eager tokens.
+        if model.config.ternary or any(layer.self_attn.qkv_proj is None or layer.mlp.gate_up_proj is None
+                                       for layer in model.model.layers):
+            log.info("compile_decode: only fused dense models compile; staying eager")
             return False
         started = time.monotonic()
         # Pin this thread's intra-op thread count (the graphs are built for it and guard on it):
@@ -452,13 +455,18 @@ class Engine:
         yield from generate(self.model, self.tokenizer, seq, max_seq_len, self.mixture_matrix, callback, self.lock)
 
     # -- reporting -----------------------------------------------------------------------------
+    def ternary_isa(self) -> str | None:
+        """The instruction set this model's ternary layers chose when they were built (None: PyTorch)."""
+        layer = self.model.model.layers[0].self_attn.qkv_proj or self.model.model.layers[0].self_attn.q_proj
+        return getattr(layer, "isa", None)
+
     def serving_summary(self) -> str:
         """One line saying what runs: the weights, their kernel, the head."""
         cfg, quant = self.config, getattr(self.model, "quant", None)
         if cfg.ternary:
             weights = "BitNet b1.58, ternary" if cfg.arch == "bitnet" else "ternarised from dense (lossy)"
             if quant == "ternary":
-                isa = ternary.kernel()
+                isa = self.ternary_isa()
                 kernel = f"{isa.upper()} kernel" if isa else "PyTorch kernel (unpacked per call)"
                 return f"{weights}, 2-bit packed, {kernel}, {TERNARY_HEAD_QUANT} head"
             if quant == "ternary-int8":
@@ -516,7 +524,7 @@ class Engine:
             # which kernel runs the packed ternary products (ternary.cpp: avx512-vnni or avx2), or
             # "pytorch" (unpacked per call); None: no packed ternary products
             "ternary_kernel": (None if getattr(self.model, "quant", None) != "ternary" else
-                               ternary.kernel() or "pytorch"),
+                               self.ternary_isa() or "pytorch"),
             "threads": torch.get_num_threads(),
             # a lone sequence decodes through the torch.compile'd graphs, with a mixture whose
             # ranks sum to at most compiled_mixture_rank too
